@@ -1,0 +1,164 @@
+//! The agent's HTTP/2 service: many executions and transfers share the host's one connection.
+
+use crate::exec::Procs;
+use bytes::Bytes;
+use devbox_protocol::{
+    paths, AgentError, BodyError, ChannelBody, ErrorKind, ExecRequest, FileQuery, Frame, FrameKind, Hello,
+    SetupRequest, SignalRequest, StdinQuery, PROTOCOL_VERSION,
+};
+use http_body_util::combinators::BoxBody;
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use std::os::unix::net::UnixListener as StdUnixListener;
+
+type Body = BoxBody<Bytes, BodyError>;
+/// Control requests are small; a bigger body is a bug on the host side.
+const MAX_CONTROL_BODY: usize = 1 << 20;
+
+pub fn run(listener: StdUnixListener) -> Result<(), String> {
+    // The OOM killer should pick a runaway process in the box, never the box's init.
+    let _ = std::fs::write("/proc/self/oom_score_adj", "-1000");
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| format!("tokio runtime: {e}"))?;
+    rt.block_on(async move {
+        listener.set_nonblocking(true).map_err(|e| e.to_string())?;
+        let listener = tokio::net::UnixListener::from_std(listener).map_err(|e| e.to_string())?;
+        let procs = Procs::default();
+        procs.start_reaper().map_err(|e| format!("SIGCHLD handler: {e}"))?;
+        loop {
+            let (stream, _) = match listener.accept().await {
+                Ok(s) => s,
+                Err(e) => {
+                    eprintln!("devbox-agent: accept: {e}");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    continue;
+                }
+            };
+            let procs = procs.clone();
+            tokio::spawn(async move {
+                let svc = hyper::service::service_fn(move |req| {
+                    let procs = procs.clone();
+                    async move { Ok::<_, std::convert::Infallible>(route(req, procs).await) }
+                });
+                let mut b = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
+                b.initial_stream_window_size(4 << 20)
+                    .initial_connection_window_size(16 << 20)
+                    .max_concurrent_streams(4096);
+                if let Err(e) = b.serve_connection(TokioIo::new(stream), svc).await {
+                    eprintln!("devbox-agent: connection ended: {e}");
+                }
+            });
+        }
+    })
+}
+
+fn full(status: StatusCode, body: impl Into<Bytes>) -> Response<Body> {
+    Response::builder()
+        .status(status)
+        .header("content-type", "application/json")
+        .body(Full::new(body.into()).map_err(|never| match never {}).boxed())
+        .expect("valid response")
+}
+
+fn json<T: serde::Serialize>(v: &T) -> Response<Body> {
+    full(StatusCode::OK, serde_json::to_vec(v).expect("serializable"))
+}
+
+fn error(e: AgentError) -> Response<Body> {
+    let status = StatusCode::from_u16(e.kind.http_status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    full(status, serde_json::to_vec(&e).expect("serializable"))
+}
+
+fn bad(msg: impl Into<String>) -> AgentError {
+    AgentError { kind: ErrorKind::BadRequest, message: msg.into() }
+}
+
+async fn body_json<T: serde::de::DeserializeOwned>(req: Request<Incoming>) -> Result<T, AgentError> {
+    let bytes = Limited::new(req.into_body(), MAX_CONTROL_BODY)
+        .collect()
+        .await
+        .map_err(|e| bad(format!("read body: {e}")))?
+        .to_bytes();
+    serde_json::from_slice(&bytes).map_err(|e| bad(format!("bad json: {e}")))
+}
+
+fn query<T: serde::de::DeserializeOwned>(req: &Request<Incoming>) -> Result<T, AgentError> {
+    serde_urlencoded::from_str(req.uri().query().unwrap_or("")).map_err(|e| bad(format!("bad query: {e}")))
+}
+
+async fn route(req: Request<Incoming>, procs: Procs) -> Response<Body> {
+    let path = req.uri().path().to_string();
+    let result = match (req.method().clone(), path.as_str()) {
+        (Method::GET, paths::HELLO) => Ok(json(&Hello {
+            protocol_version: PROTOCOL_VERSION,
+            agent_version: env!("CARGO_PKG_VERSION").to_string(),
+        })),
+        (Method::POST, paths::SETUP) => match body_json::<SetupRequest>(req).await {
+            Ok(s) => crate::setup::setup(&s).map(|()| json(&serde_json::json!({}))),
+            Err(e) => Err(e),
+        },
+        (Method::POST, paths::EXEC) => exec(req, procs).await,
+        (Method::GET, paths::FILES) => get_file(&req).await,
+        (Method::PUT, paths::FILES) => match query::<FileQuery>(&req) {
+            Ok(q) => crate::files::write(&q, req.into_body())
+                .await
+                .map(|n| json(&serde_json::json!({ "bytes": n }))),
+            Err(e) => Err(e),
+        },
+        (Method::POST, p) if p.starts_with("/v1/exec/") => exec_action(req, procs).await,
+        _ => Err(AgentError { kind: ErrorKind::NotFound, message: format!("no route {path}") }),
+    };
+    result.unwrap_or_else(error)
+}
+
+async fn exec(req: Request<Incoming>, procs: Procs) -> Result<Response<Body>, AgentError> {
+    let er: ExecRequest = body_json(req).await?;
+    let (tx, body) = ChannelBody::new(64);
+    if let Err(e) = procs.spawn(er, tx.clone()) {
+        // Reported in-band so the host handles every exec outcome on one path.
+        let _ = tx.send(Ok(Frame::json(FrameKind::Error, &e).encode())).await;
+    }
+    drop(tx);
+    Ok(Response::builder()
+        .header("content-type", "application/vnd.devbox.frames")
+        .body(body.boxed())
+        .expect("valid response"))
+}
+
+async fn exec_action(req: Request<Incoming>, procs: Procs) -> Result<Response<Body>, AgentError> {
+    let path = req.uri().path().to_string();
+    let mut parts = path.trim_start_matches("/v1/exec/").splitn(2, '/');
+    let (id, action) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
+    match action {
+        "signal" => {
+            let s: SignalRequest = body_json(req).await?;
+            procs.signal(id, s.signal, s.group)?;
+        }
+        "stdin" => {
+            let q: StdinQuery = query(&req)?;
+            let data = Limited::new(req.into_body(), 16 << 20)
+                .collect()
+                .await
+                .map_err(|e| bad(format!("read stdin body: {e}")))?
+                .to_bytes();
+            procs.write_stdin(id, data, q.close).await?;
+        }
+        _ => return Err(AgentError { kind: ErrorKind::NotFound, message: format!("no route {path}") }),
+    }
+    Ok(json(&serde_json::json!({})))
+}
+
+async fn get_file(req: &Request<Incoming>) -> Result<Response<Body>, AgentError> {
+    let q: FileQuery = query(req)?;
+    let (tx, body) = ChannelBody::new(8);
+    let len = crate::files::read(&q, tx).await?;
+    Ok(Response::builder()
+        .header("content-type", "application/octet-stream")
+        .header("x-devbox-file-size", len)
+        .body(body.boxed())
+        .expect("valid response"))
+}
