@@ -116,7 +116,12 @@ pub fn apply() -> Result<(), String> {
     install(&deny)?;
     install(&clone3)?;
     let keep: HashSet<Capability> = KEPT_CAPS.iter().copied().collect();
-    caps::set(None, CapSet::Bounding, &keep).map_err(|e| format!("drop bounding caps: {e}"))?;
+    for cap in caps::all() {
+        // Capabilities this kernel does not know are not in the bounding set to begin with.
+        if !keep.contains(&cap) && caps::has_cap(None, CapSet::Bounding, cap).unwrap_or(false) {
+            caps::drop(None, CapSet::Bounding, cap).map_err(|e| format!("drop bounding cap {cap}: {e}"))?;
+        }
+    }
     caps::clear(None, CapSet::Ambient).map_err(|e| format!("clear ambient caps: {e}"))?;
     caps::set(None, CapSet::Inheritable, &keep).map_err(|e| format!("set inheritable caps: {e}"))?;
     caps::set(None, CapSet::Effective, &keep).map_err(|e| format!("set effective caps: {e}"))?;

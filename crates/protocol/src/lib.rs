@@ -229,3 +229,11 @@ pub struct ContainerBoot {
     /// Written with the pid (host view) of the box's init once it exists.
     pub pid_file: String,
 }
+
+impl std::fmt::Display for AgentError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+impl std::error::Error for AgentError {}

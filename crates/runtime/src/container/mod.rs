@@ -1,0 +1,218 @@
+//! The container runtime: each box is a set of fresh namespaces over an overlayfs root, held in
+//! cgroups, with `devbox-agent` as its init. The host side here prepares directories, cgroups
+//! and the boot file; the agent's `container-init` does the in-namespace work in-process.
+
+pub mod cgroup;
+
+use crate::image::ImageStore;
+use crate::{AgentClient, BoxSpec, Launched, Result, Runtime, RuntimeError, RuntimeState, Usage};
+use cgroup::Cgroups;
+use devbox_protocol::ContainerBoot;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+/// Longest unix socket path the kernel accepts, minus the NUL.
+const MAX_SOCKET_PATH: usize = 107;
+const AGENT_READY_TIMEOUT: Duration = Duration::from_secs(15);
+
+pub struct ContainerRuntime {
+    boxes_dir: PathBuf,
+    images: ImageStore,
+    agent: PathBuf,
+    cgroups: Cgroups,
+}
+
+#[derive(serde::Serialize, serde::Deserialize)]
+struct State {
+    init_pid: i32,
+}
+
+fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> RuntimeError {
+    let what = what.into();
+    move |e| RuntimeError::io(what, e)
+}
+
+/// Write the embedded agent next to the data, named by content so upgrades never overwrite
+/// the executable of a running box.
+fn install_agent(bin_dir: &Path) -> Result<PathBuf> {
+    let bytes = devbox_agent_blob::AGENT;
+    let mut h: u64 = 0xcbf29ce484222325;
+    for b in bytes {
+        h = (h ^ *b as u64).wrapping_mul(0x100000001b3);
+    }
+    std::fs::create_dir_all(bin_dir).map_err(io(format!("create {}", bin_dir.display())))?;
+    let path = bin_dir.join(format!("devbox-agent-{h:016x}"));
+    if !path.exists() {
+        let tmp = bin_dir.join(format!(".devbox-agent-{}", std::process::id()));
+        std::fs::write(&tmp, bytes).map_err(io(format!("write {}", tmp.display())))?;
+        std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o755))
+            .map_err(io(format!("chmod {}", tmp.display())))?;
+        std::fs::rename(&tmp, &path).map_err(io(format!("install {}", path.display())))?;
+    }
+    Ok(path)
+}
+
+impl ContainerRuntime {
+    pub fn new(data_dir: &Path, images: ImageStore) -> Result<ContainerRuntime> {
+        if !nix::unistd::geteuid().is_root() {
+            return Err(RuntimeError::Unsupported(
+                "the container runtime needs root (namespaces, overlayfs, cgroups): run devboxd as root".into(),
+            ));
+        }
+        let boxes_dir = data_dir.join("boxes");
+        std::fs::create_dir_all(&boxes_dir).map_err(io(format!("create {}", boxes_dir.display())))?;
+        std::fs::set_permissions(&boxes_dir, std::fs::Permissions::from_mode(0o700))
+            .map_err(io("restrict boxes dir"))?;
+        let agent = install_agent(&data_dir.join("bin"))?;
+        let cgroups = Cgroups::detect("devboxd")?;
+        Ok(ContainerRuntime { boxes_dir, images, agent, cgroups })
+    }
+
+    pub fn describe(&self) -> String {
+        format!("container runtime ({}, agent {})", self.cgroups.describe(), self.agent.display())
+    }
+
+    fn box_dir(&self, id: &str) -> PathBuf {
+        self.boxes_dir.join(id)
+    }
+
+    fn state(state: &RuntimeState) -> Result<State> {
+        serde_json::from_value(state.clone()).map_err(|_| RuntimeError::Gone)
+    }
+
+    /// The init pid if it is still this box's (a recycled pid would not be in our cgroup).
+    fn live_init(&self, id: &str, state: &RuntimeState) -> Option<i32> {
+        let st = Self::state(state).ok()?;
+        self.cgroups.procs(id).contains(&st.init_pid).then_some(st.init_pid)
+    }
+
+    fn log_tail(&self, id: &str) -> String {
+        let log = std::fs::read_to_string(self.box_dir(id).join("agent.log")).unwrap_or_default();
+        let lines: Vec<&str> = log.lines().rev().take(5).collect();
+        lines.into_iter().rev().collect::<Vec<_>>().join(" | ")
+    }
+
+    async fn boot(&self, spec: &BoxSpec) -> Result<Launched> {
+        let lower = self.images.rootfs(&spec.image)?;
+        let dir = self.box_dir(&spec.id);
+        let socket = dir.join("agent.sock");
+        if socket.as_os_str().len() > MAX_SOCKET_PATH {
+            return Err(RuntimeError::Unsupported(format!(
+                "data dir path too long for a unix socket ({}): choose a shorter --data-dir",
+                socket.display()
+            )));
+        }
+        for sub in ["upper", "work", "root"] {
+            std::fs::create_dir_all(dir.join(sub)).map_err(io(format!("create {}", dir.join(sub).display())))?;
+        }
+        let cgroups = self.cgroups.clone();
+        let (id, limits) = (spec.id.clone(), spec.limits);
+        let cgroup_procs = tokio::task::spawn_blocking(move || cgroups.create(&id, &limits))
+            .await
+            .map_err(|e| RuntimeError::Transport(e.to_string()))??;
+        let p = |s: &str| dir.join(s).display().to_string();
+        let boot = ContainerBoot {
+            lower_dirs: vec![lower.display().to_string()],
+            upper_dir: p("upper"),
+            work_dir: p("work"),
+            root_dir: p("root"),
+            hostname: spec.hostname.clone(),
+            socket_path: socket.display().to_string(),
+            cgroup_procs,
+            pid_file: p("init.pid"),
+        };
+        let boot_path = dir.join("boot.json");
+        std::fs::write(&boot_path, serde_json::to_vec_pretty(&boot).expect("serializable"))
+            .map_err(io("write boot file"))?;
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(dir.join("agent.log"))
+            .map_err(io("open agent log"))?;
+        let status = tokio::process::Command::new(&self.agent)
+            .arg("container-init")
+            .arg(&boot_path)
+            .stdin(std::process::Stdio::null())
+            .stdout(log.try_clone().map_err(io("dup agent log"))?)
+            .stderr(log)
+            .status()
+            .await
+            .map_err(io(format!("start {}", self.agent.display())))?;
+        if !status.success() {
+            return Err(RuntimeError::AgentNotReady(format!("box launcher failed ({status}): {}", self.log_tail(&spec.id))));
+        }
+        let pid: i32 = std::fs::read_to_string(dir.join("init.pid"))
+            .map_err(io("read init pid"))?
+            .trim()
+            .parse()
+            .map_err(|_| RuntimeError::AgentNotReady("bad init pid file".into()))?;
+        let state = serde_json::to_value(State { init_pid: pid }).expect("serializable");
+        let agent = match AgentClient::connect(&socket, AGENT_READY_TIMEOUT).await {
+            Ok(a) => a,
+            Err(e) => {
+                let tail = self.log_tail(&spec.id);
+                return Err(RuntimeError::AgentNotReady(format!("{e}; agent log: {tail}")));
+            }
+        };
+        Ok(Launched { state, agent })
+    }
+}
+
+#[async_trait::async_trait]
+impl Runtime for ContainerRuntime {
+    fn kind(&self) -> &'static str {
+        "container"
+    }
+
+    async fn create(&self, spec: &BoxSpec) -> Result<Launched> {
+        match self.boot(spec).await {
+            Ok(l) => Ok(l),
+            Err(e) => {
+                let _ = self.destroy(&spec.id, &serde_json::Value::Null).await;
+                Err(e)
+            }
+        }
+    }
+
+    async fn attach(&self, id: &str, state: &RuntimeState) -> Result<AgentClient> {
+        if self.live_init(id, state).is_none() {
+            return Err(RuntimeError::Gone);
+        }
+        AgentClient::connect(&self.box_dir(id).join("agent.sock"), Duration::from_secs(3)).await
+    }
+
+    async fn freeze(&self, id: &str, _state: &RuntimeState) -> Result<()> {
+        let (c, id) = (self.cgroups.clone(), id.to_string());
+        tokio::task::spawn_blocking(move || c.freeze(&id, true)).await.map_err(|e| RuntimeError::Transport(e.to_string()))?
+    }
+
+    async fn thaw(&self, id: &str, _state: &RuntimeState) -> Result<()> {
+        let (c, id) = (self.cgroups.clone(), id.to_string());
+        tokio::task::spawn_blocking(move || c.freeze(&id, false)).await.map_err(|e| RuntimeError::Transport(e.to_string()))?
+    }
+
+    async fn destroy(&self, id: &str, state: &RuntimeState) -> Result<()> {
+        if let Some(pid) = self.live_init(id, state) {
+            // Killing a pid namespace's init kills every process in it.
+            let _ = self.cgroups.freeze(id, false);
+            // SAFETY: kill(2) on a pid verified to be this box's init.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+        }
+        let (c, idc, dir) = (self.cgroups.clone(), id.to_string(), self.box_dir(id));
+        tokio::task::spawn_blocking(move || {
+            c.remove(&idc)?;
+            match std::fs::remove_dir_all(&dir) {
+                Ok(()) => Ok(()),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+                Err(e) => Err(RuntimeError::io(format!("remove {}", dir.display()), e)),
+            }
+        })
+        .await
+        .map_err(|e| RuntimeError::Transport(e.to_string()))?
+    }
+
+    fn usage(&self, id: &str) -> Usage {
+        self.cgroups.usage(id)
+    }
+}
