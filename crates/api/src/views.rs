@@ -1,0 +1,44 @@
+//! Response shapes of the Runloop API, rendered from core records.
+
+use devbox_core::{Devbox, ExecView};
+use serde_json::{json, Value};
+
+pub fn devbox(d: &Devbox) -> Value {
+    let mut v = json!({
+        "id": d.id,
+        "status": d.status.as_str(),
+        "capabilities": [],
+        "create_time_ms": d.create_time_ms,
+        "launch_parameters": d.launch_parameters,
+        "metadata": d.metadata,
+        "state_transitions": d.state_transitions,
+        "name": d.name,
+        "end_time_ms": d.end_time_ms,
+        "shutdown_reason": d.shutdown_reason,
+        "failure_reason": d.failure_reason,
+        "blueprint_id": null,
+        "snapshot_id": null,
+        "initiator_type": "api",
+    });
+    if let Some(detail) = &d.failure_detail {
+        v["failure_detail"] = json!(detail);
+    }
+    v
+}
+
+pub fn execution(e: &ExecView) -> Value {
+    let mut v = json!({
+        "devbox_id": e.devbox_id,
+        "execution_id": e.execution_id,
+        "status": e.status,
+        "exit_status": e.exit_status,
+        "stdout": e.stdout,
+        "stderr": e.stderr,
+        "stdout_truncated": e.stdout_truncated,
+        "stderr_truncated": e.stderr_truncated,
+    });
+    if let Some(s) = &e.shell_name {
+        v["shell_name"] = json!(s);
+    }
+    v
+}

@@ -1,0 +1,602 @@
+//! The devbox manager: owns every box's state machine, its executions and its agent connection.
+
+use crate::exec::{ExecStatus, Execution};
+use crate::ids::new_id;
+use crate::model::{BoxUser, CreateDevbox, Devbox, Status};
+use crate::store::Store;
+use crate::{now_ms, CoreError, Result};
+use bytes::Bytes;
+use devbox_protocol::{ExecRequest, Exit, FrameKind, SetupRequest, Started};
+use devbox_runtime::{AgentClient, BoxSpec, ByteStream, Runtime, Usage};
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+use tokio::sync::watch;
+
+/// How long `create_and_await_running` holds before answering with a transitional status
+/// (the SDK then long-polls; its read timeout is 30 s).
+pub const CREATE_HOLD: Duration = Duration::from_secs(25);
+
+#[derive(Debug, Clone)]
+pub struct ManagerConfig {
+    pub image: String,
+}
+
+struct BoxEntry {
+    rec: Mutex<Devbox>,
+    status: watch::Sender<Status>,
+    agent: Mutex<Option<AgentClient>>,
+    execs: Mutex<HashMap<String, Arc<Execution>>>,
+    command_ids: Mutex<HashMap<String, String>>,
+    /// Serializes lifecycle transitions (boot, shutdown, suspend, resume) of this box.
+    lifecycle: tokio::sync::Mutex<()>,
+}
+
+impl BoxEntry {
+    fn snapshot(&self) -> Devbox {
+        self.rec.lock().unwrap().clone()
+    }
+
+    fn status(&self) -> Status {
+        *self.status.borrow()
+    }
+
+    fn agent(&self) -> Option<AgentClient> {
+        self.agent.lock().unwrap().clone()
+    }
+}
+
+pub struct Manager {
+    cfg: ManagerConfig,
+    store: Store,
+    runtime: Arc<dyn Runtime>,
+    boxes: RwLock<HashMap<String, Arc<BoxEntry>>>,
+    /// (tenant, x-request-id) -> devbox id, so a retried create returns the first box.
+    request_ids: Mutex<HashMap<(String, String), String>>,
+    seq: Mutex<i64>,
+}
+
+/// Parameters of an execution request.
+#[derive(Debug, Clone, Default)]
+pub struct ExecParams {
+    pub command: String,
+    pub shell_name: Option<String>,
+    pub attach_stdin: bool,
+    pub command_id: Option<String>,
+}
+
+/// One page of a list.
+pub struct Page<T> {
+    pub items: Vec<T>,
+    pub has_more: bool,
+    pub total_count: usize,
+}
+
+impl Manager {
+    /// Load every devbox from the store and reattach the live ones.
+    pub async fn start(cfg: ManagerConfig, store: Store, runtime: Arc<dyn Runtime>) -> Result<Arc<Manager>> {
+        let seq = store.max_seq()?;
+        let m = Arc::new(Manager {
+            cfg,
+            store,
+            runtime,
+            boxes: RwLock::new(HashMap::new()),
+            request_ids: Mutex::new(HashMap::new()),
+            seq: Mutex::new(seq),
+        });
+        for rec in m.store.all_devboxes()? {
+            let entry = Arc::new(BoxEntry {
+                status: watch::channel(rec.status).0,
+                rec: Mutex::new(rec.clone()),
+                agent: Mutex::new(None),
+                execs: Mutex::new(HashMap::new()),
+                command_ids: Mutex::new(HashMap::new()),
+                lifecycle: tokio::sync::Mutex::new(()),
+            });
+            if let Some(rid) = &rec.request_id {
+                m.request_ids.lock().unwrap().insert((rec.tenant.clone(), rid.clone()), rec.id.clone());
+            }
+            m.boxes.write().unwrap().insert(rec.id.clone(), entry.clone());
+            if !rec.status.is_terminal() {
+                m.recover(&entry).await;
+            }
+        }
+        Ok(m)
+    }
+
+    async fn recover(&self, entry: &Arc<BoxEntry>) {
+        let rec = entry.snapshot();
+        let attached = match rec.status {
+            Status::Running | Status::Suspended | Status::Suspending | Status::Resuming => {
+                self.runtime.attach(&rec.id, &rec.runtime_state).await.ok()
+            }
+            _ => None,
+        };
+        match attached {
+            Some(agent) => {
+                *entry.agent.lock().unwrap() = Some(agent);
+                // Finish a transition the previous server process was in the middle of.
+                match rec.status {
+                    Status::Suspending => {
+                        let ok = self.runtime.freeze(&rec.id, &rec.runtime_state).await.is_ok();
+                        self.transition(entry, if ok { Status::Suspended } else { Status::Running }, None);
+                    }
+                    Status::Resuming => {
+                        let ok = self.runtime.thaw(&rec.id, &rec.runtime_state).await.is_ok();
+                        self.transition(entry, if ok { Status::Running } else { Status::Suspended }, None);
+                    }
+                    _ => {}
+                }
+                tracing::info!(id = %rec.id, status = rec.status.as_str(), "reattached devbox");
+            }
+            None => {
+                tracing::warn!(id = %rec.id, status = rec.status.as_str(), "devbox runtime state is gone");
+                let _ = self.runtime.destroy(&rec.id, &rec.runtime_state).await;
+                self.fail(entry, "runtime state lost while the server was down (host reboot or killed box)");
+            }
+        }
+    }
+
+    fn next_seq(&self) -> i64 {
+        let mut s = self.seq.lock().unwrap();
+        *s += 1;
+        *s
+    }
+
+    fn persist(&self, rec: &Devbox) {
+        if let Err(e) = self.store.put_devbox(rec) {
+            tracing::error!(id = %rec.id, error = %e, "failed to persist devbox");
+        }
+    }
+
+    fn transition(&self, entry: &BoxEntry, status: Status, failure_reason: Option<String>) {
+        let rec = {
+            let mut r = entry.rec.lock().unwrap();
+            r.set_status(status, failure_reason);
+            r.clone()
+        };
+        self.persist(&rec);
+        entry.status.send_replace(status);
+    }
+
+    fn fail(&self, entry: &BoxEntry, detail: &str) {
+        entry.rec.lock().unwrap().failure_detail = Some(detail.to_string());
+        self.transition(entry, Status::Failure, Some("execution_failed".into()));
+    }
+
+    fn entry(&self, tenant: &str, id: &str) -> Result<Arc<BoxEntry>> {
+        let g = self.boxes.read().unwrap();
+        match g.get(id) {
+            Some(e) if e.rec.lock().unwrap().tenant == tenant => Ok(e.clone()),
+            _ => Err(CoreError::NotFound(format!("devbox {id} not found"))),
+        }
+    }
+
+    pub fn runtime_kind(&self) -> &'static str {
+        self.runtime.kind()
+    }
+
+    // ---- devboxes -------------------------------------------------------------------------
+
+    /// Create a devbox and start booting it. A repeated `request_id` returns the first box.
+    pub fn create(self: &Arc<Self>, tenant: &str, req: CreateDevbox, request_id: Option<String>) -> Result<Devbox> {
+        if let Some(rid) = &request_id {
+            let existing = self.request_ids.lock().unwrap().get(&(tenant.to_string(), rid.clone())).cloned();
+            if let Some(id) = existing {
+                return self.get(tenant, &id);
+            }
+        }
+        if req.snapshot_id.is_some() || req.blueprint_id.is_some() || req.blueprint_name.is_some() {
+            let what = if req.snapshot_id.is_some() { "snapshot" } else { "blueprint" };
+            return Err(CoreError::NotFound(format!("{what} not found: this server has no {what}s yet")));
+        }
+        let lp = req.launch_parameters.clone().unwrap_or_default();
+        let limits = lp.limits()?;
+        let user = match &lp.user_parameters {
+            Some(u) => {
+                if u.username.is_empty()
+                    || u.username.len() > 32
+                    || !u.username.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+                {
+                    return Err(CoreError::BadRequest(
+                        "user_parameters.username must be 1-32 letters, digits, '_' or '-'".into(),
+                    ));
+                }
+                if !(0..=60000).contains(&u.uid) || (u.uid == 0) != (u.username == "root") {
+                    return Err(CoreError::BadRequest(
+                        "user_parameters.uid must be 0 for root and 1-60000 otherwise".into(),
+                    ));
+                }
+                BoxUser { name: u.username.clone(), uid: u.uid as u32 }
+            }
+            None => BoxUser { name: "user".into(), uid: 1000 },
+        };
+        for k in req.environment_variables.iter().flat_map(|m| m.keys()) {
+            if k.is_empty() || k.contains('=') || k.contains('\0') {
+                return Err(CoreError::BadRequest(format!("invalid environment variable name {k:?}")));
+            }
+        }
+        let now = now_ms();
+        let id = new_id("dbx");
+        let mut rec = Devbox {
+            id: id.clone(),
+            tenant: tenant.to_string(),
+            seq: self.next_seq(),
+            name: req.name.filter(|n| !n.is_empty()),
+            metadata: req.metadata.unwrap_or_default(),
+            status: Status::Provisioning,
+            create_time_ms: now,
+            end_time_ms: None,
+            launch_parameters: lp,
+            state_transitions: vec![],
+            shutdown_reason: None,
+            failure_reason: None,
+            failure_detail: None,
+            environment_variables: req.environment_variables.unwrap_or_default(),
+            entrypoint: req.entrypoint,
+            user,
+            limits,
+            request_id: request_id.clone(),
+            runtime_state: serde_json::Value::Null,
+        };
+        rec.set_status(Status::Provisioning, None);
+        self.store.put_devbox(&rec)?;
+        let entry = Arc::new(BoxEntry {
+            status: watch::channel(Status::Provisioning).0,
+            rec: Mutex::new(rec.clone()),
+            agent: Mutex::new(None),
+            execs: Mutex::new(HashMap::new()),
+            command_ids: Mutex::new(HashMap::new()),
+            lifecycle: tokio::sync::Mutex::new(()),
+        });
+        self.boxes.write().unwrap().insert(id.clone(), entry.clone());
+        if let Some(rid) = request_id {
+            self.request_ids.lock().unwrap().insert((tenant.to_string(), rid), id.clone());
+        }
+        let me = self.clone();
+        tokio::spawn(async move { me.boot(entry).await });
+        Ok(rec)
+    }
+
+    async fn boot(self: Arc<Self>, entry: Arc<BoxEntry>) {
+        let _guard = entry.lifecycle.lock().await;
+        if entry.status() != Status::Provisioning {
+            return; // shut down before it booted
+        }
+        let rec = entry.snapshot();
+        let spec = BoxSpec { id: rec.id.clone(), hostname: rec.id.clone(), image: self.cfg.image.clone(), limits: rec.limits };
+        let launched = match self.runtime.create(&spec).await {
+            Ok(l) => l,
+            Err(e) => {
+                tracing::error!(id = %rec.id, error = %e, "devbox failed to boot");
+                self.fail(&entry, &format!("boot failed: {e}"));
+                return;
+            }
+        };
+        entry.rec.lock().unwrap().runtime_state = launched.state.clone();
+        *entry.agent.lock().unwrap() = Some(launched.agent.clone());
+        self.transition(&entry, Status::Initializing, None);
+        let setup = SetupRequest { user: rec.user.spec(), sudo: true };
+        if let Err(e) = launched.agent.setup(&setup).await {
+            self.fail(&entry, &format!("user setup failed: {e}"));
+            let _ = self.runtime.destroy(&rec.id, &launched.state).await;
+            return;
+        }
+        for (i, cmd) in rec.launch_parameters.launch_commands.iter().flatten().enumerate() {
+            let exec = Arc::new(Execution::new(new_id("exe"), rec.id.clone(), cmd.clone(), None, false));
+            self.run_exec(&entry, &launched.agent, exec.clone()).await;
+            let status = exec.exit_status().unwrap_or(-1);
+            if status != 0 {
+                let tail = exec.stderr.last_lines(5).text;
+                self.fail(&entry, &format!("launch command {} exited {status}: {tail}", i + 1));
+                let _ = self.runtime.destroy(&rec.id, &launched.state).await;
+                *entry.agent.lock().unwrap() = None;
+                return;
+            }
+        }
+        self.transition(&entry, Status::Running, None);
+        tracing::info!(id = %rec.id, "devbox running");
+    }
+
+    pub fn get(&self, tenant: &str, id: &str) -> Result<Devbox> {
+        Ok(self.entry(tenant, id)?.snapshot())
+    }
+
+    /// Newest first, like Runloop; `starting_after` is the id of the last item of the previous page.
+    pub fn list(&self, tenant: &str, status: Option<Status>, limit: usize, starting_after: Option<&str>) -> Result<Page<Devbox>> {
+        let mut all: Vec<Devbox> = self
+            .boxes
+            .read()
+            .unwrap()
+            .values()
+            .map(|e| e.snapshot())
+            .filter(|d| d.tenant == tenant && status.is_none_or(|s| d.status == s))
+            .collect();
+        all.sort_by(|a, b| b.seq.cmp(&a.seq));
+        let total = all.len();
+        let start = match starting_after {
+            Some(after) => match all.iter().position(|d| d.id == after) {
+                Some(p) => p + 1,
+                None => return Err(CoreError::BadRequest(format!("starting_after {after:?} is not a devbox in this list"))),
+            },
+            None => 0,
+        };
+        let items: Vec<Devbox> = all.into_iter().skip(start).take(limit).collect();
+        let has_more = start + items.len() < total;
+        Ok(Page { items, has_more, total_count: total })
+    }
+
+    /// `name`: Some("") clears it. `metadata` replaces the whole map.
+    pub fn update(&self, tenant: &str, id: &str, name: Option<String>, metadata: Option<BTreeMap<String, String>>) -> Result<Devbox> {
+        let entry = self.entry(tenant, id)?;
+        let rec = {
+            let mut r = entry.rec.lock().unwrap();
+            if let Some(n) = name {
+                r.name = if n.is_empty() { None } else { Some(n) };
+            }
+            if let Some(m) = metadata {
+                r.metadata = m;
+            }
+            r.clone()
+        };
+        self.store.put_devbox(&rec)?;
+        Ok(rec)
+    }
+
+    /// Hold until the status is in `statuses`; `None` when `timeout` expires first.
+    pub async fn wait_for_status(&self, tenant: &str, id: &str, statuses: &[Status], timeout: Duration) -> Result<Option<Devbox>> {
+        let entry = self.entry(tenant, id)?;
+        let mut rx = entry.status.subscribe();
+        let reached = tokio::time::timeout(timeout, rx.wait_for(|s| statuses.contains(s))).await;
+        Ok(match reached {
+            Ok(Ok(_)) => Some(entry.snapshot()),
+            _ => None,
+        })
+    }
+
+    pub async fn shutdown(&self, tenant: &str, id: &str, reason: &str) -> Result<Devbox> {
+        let entry = self.entry(tenant, id)?;
+        let _guard = entry.lifecycle.lock().await;
+        if entry.status().is_terminal() {
+            return Ok(entry.snapshot());
+        }
+        let state = entry.rec.lock().unwrap().runtime_state.clone();
+        if let Err(e) = self.runtime.destroy(id, &state).await {
+            tracing::error!(%id, error = %e, "destroy failed during shutdown");
+        }
+        *entry.agent.lock().unwrap() = None;
+        for exec in entry.execs.lock().unwrap().values() {
+            if exec.status() != ExecStatus::Completed {
+                exec.stderr.push(b"devbox was shut down\n");
+                exec.complete(137);
+            }
+        }
+        entry.rec.lock().unwrap().shutdown_reason = Some(reason.to_string());
+        self.transition(&entry, Status::Shutdown, None);
+        Ok(entry.snapshot())
+    }
+
+    pub async fn suspend(&self, tenant: &str, id: &str) -> Result<Devbox> {
+        let entry = self.entry(tenant, id)?;
+        let _guard = entry.lifecycle.lock().await;
+        match entry.status() {
+            Status::Suspended => return Ok(entry.snapshot()),
+            Status::Running => {}
+            s => return Err(CoreError::Conflict(format!("cannot suspend a devbox that is {}", s.as_str()))),
+        }
+        self.transition(&entry, Status::Suspending, None);
+        let state = entry.rec.lock().unwrap().runtime_state.clone();
+        match self.runtime.freeze(id, &state).await {
+            Ok(()) => self.transition(&entry, Status::Suspended, None),
+            Err(e) => {
+                self.transition(&entry, Status::Running, None);
+                return Err(e.into());
+            }
+        }
+        Ok(entry.snapshot())
+    }
+
+    pub async fn resume(&self, tenant: &str, id: &str) -> Result<Devbox> {
+        let entry = self.entry(tenant, id)?;
+        let _guard = entry.lifecycle.lock().await;
+        match entry.status() {
+            Status::Running => return Ok(entry.snapshot()),
+            Status::Suspended => {}
+            s => return Err(CoreError::Conflict(format!("cannot resume a devbox that is {}", s.as_str()))),
+        }
+        self.transition(&entry, Status::Resuming, None);
+        let state = entry.rec.lock().unwrap().runtime_state.clone();
+        match self.runtime.thaw(id, &state).await {
+            Ok(()) => self.transition(&entry, Status::Running, None),
+            Err(e) => {
+                self.transition(&entry, Status::Suspended, None);
+                return Err(e.into());
+            }
+        }
+        Ok(entry.snapshot())
+    }
+
+    pub fn keep_alive(&self, tenant: &str, id: &str) -> Result<()> {
+        let entry = self.entry(tenant, id)?;
+        if entry.status().is_terminal() {
+            return Err(CoreError::Conflict(format!("devbox {id} is {}", entry.status().as_str())));
+        }
+        Ok(())
+    }
+
+    pub fn usage(&self, tenant: &str, id: &str) -> Result<(Devbox, Usage)> {
+        let entry = self.entry(tenant, id)?;
+        Ok((entry.snapshot(), self.runtime.usage(id)))
+    }
+
+    fn running_agent(&self, entry: &BoxEntry) -> Result<AgentClient> {
+        let st = entry.status();
+        if st != Status::Running {
+            let id = entry.rec.lock().unwrap().id.clone();
+            let hint = match st {
+                Status::Suspended => ": resume it first",
+                Status::Provisioning | Status::Initializing => ": wait until it is running",
+                _ => "",
+            };
+            return Err(CoreError::Conflict(format!("devbox {id} is {}{hint}", st.as_str())));
+        }
+        entry.agent().ok_or_else(|| CoreError::Conflict("devbox has no agent connection".into()))
+    }
+
+    // ---- executions -----------------------------------------------------------------------
+
+    pub fn exec(self: &Arc<Self>, tenant: &str, id: &str, p: ExecParams) -> Result<Arc<Execution>> {
+        let entry = self.entry(tenant, id)?;
+        if let Some(cid) = &p.command_id {
+            let existing = entry.command_ids.lock().unwrap().get(cid).cloned();
+            if let Some(eid) = existing {
+                if let Some(e) = entry.execs.lock().unwrap().get(&eid) {
+                    return Ok(e.clone());
+                }
+            }
+        }
+        if p.shell_name.is_some() {
+            return Err(CoreError::BadRequest("named shells (shell_name) are not supported yet".into()));
+        }
+        let agent = self.running_agent(&entry)?;
+        let exec = Arc::new(Execution::new(new_id("exe"), id.to_string(), p.command.clone(), p.shell_name, p.attach_stdin));
+        entry.execs.lock().unwrap().insert(exec.id.clone(), exec.clone());
+        if let Some(cid) = p.command_id {
+            entry.command_ids.lock().unwrap().insert(cid, exec.id.clone());
+        }
+        let (me, e2, x2) = (self.clone(), entry.clone(), exec.clone());
+        tokio::spawn(async move { me.run_exec(&e2, &agent, x2).await });
+        Ok(exec)
+    }
+
+    async fn run_exec(&self, entry: &BoxEntry, agent: &AgentClient, exec: Arc<Execution>) {
+        let req = {
+            let r = entry.rec.lock().unwrap();
+            ExecRequest {
+                command: exec.command.clone(),
+                argv: vec![],
+                shell: true,
+                user: r.user.spec(),
+                env: r.environment_variables.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+                cwd: None,
+                stdin: exec.attach_stdin,
+            }
+        };
+        let mut stream = match agent.exec(&req).await {
+            Ok(s) => s,
+            Err(e) => {
+                exec.stderr.push(format!("devboxd: could not start the command: {e}\n").as_bytes());
+                exec.complete(127);
+                return;
+            }
+        };
+        loop {
+            match stream.next().await {
+                Ok(Some(f)) => match f.kind {
+                    FrameKind::Started => {
+                        if let Ok(s) = serde_json::from_slice::<Started>(&f.payload) {
+                            exec.set_running(s.exec_id);
+                        }
+                    }
+                    FrameKind::Stdout => exec.stdout.push(&f.payload),
+                    FrameKind::Stderr => exec.stderr.push(&f.payload),
+                    FrameKind::Exit => {
+                        let status = serde_json::from_slice::<Exit>(&f.payload).map(|e| e.status()).unwrap_or(-1);
+                        exec.complete(status);
+                        return;
+                    }
+                    FrameKind::Error => {
+                        let msg = serde_json::from_slice::<devbox_protocol::AgentError>(&f.payload)
+                            .map(|e| e.message)
+                            .unwrap_or_else(|_| "unknown error".into());
+                        exec.stderr.push(format!("devboxd: could not start the command: {msg}\n").as_bytes());
+                        exec.complete(127);
+                        return;
+                    }
+                },
+                Ok(None) | Err(_) => {
+                    // The agent went away (box shut down or killed).
+                    exec.stderr.push(b"devboxd: lost contact with the box while the command ran\n");
+                    exec.complete(137);
+                    return;
+                }
+            }
+        }
+    }
+
+    pub fn execution(&self, tenant: &str, id: &str, exec_id: &str) -> Result<Arc<Execution>> {
+        let entry = self.entry(tenant, id)?;
+        let e = entry.execs.lock().unwrap().get(exec_id).cloned();
+        e.ok_or_else(|| CoreError::NotFound(format!("execution {exec_id} not found on devbox {id}")))
+    }
+
+    /// Signal the execution (SIGKILL) and wait briefly for it to report completion.
+    pub async fn kill(&self, tenant: &str, id: &str, exec_id: &str, group: bool) -> Result<Arc<Execution>> {
+        let exec = self.execution(tenant, id, exec_id)?;
+        if exec.status() == ExecStatus::Completed {
+            return Ok(exec);
+        }
+        let entry = self.entry(tenant, id)?;
+        if let (Some(agent), Some(aid)) = (entry.agent(), exec.agent_exec_id()) {
+            if let Err(e) = agent.signal(&aid, libc_sigkill(), group).await {
+                tracing::debug!(%exec_id, error = %e, "kill: process already gone");
+            }
+        }
+        exec.wait_for(&[ExecStatus::Completed], Duration::from_secs(5)).await;
+        Ok(exec)
+    }
+
+    pub async fn send_stdin(&self, tenant: &str, id: &str, exec_id: &str, text: Option<String>, signal: Option<&str>) -> Result<()> {
+        let exec = self.execution(tenant, id, exec_id)?;
+        if exec.status() == ExecStatus::Completed {
+            return Err(CoreError::Conflict(format!("execution {exec_id} has completed")));
+        }
+        let entry = self.entry(tenant, id)?;
+        let agent = self.running_agent(&entry)?;
+        let aid = exec.agent_exec_id().ok_or_else(|| CoreError::Conflict("execution has not started yet".into()))?;
+        match signal {
+            Some("EOF") => agent.stdin(&aid, Bytes::new(), true).await.map_err(CoreError::from_runtime),
+            Some("INTERRUPT") => agent.signal(&aid, 2, true).await.map_err(CoreError::from_runtime),
+            Some(other) => Err(CoreError::BadRequest(format!("unknown signal {other:?}: use EOF or INTERRUPT"))),
+            None => {
+                if !exec.attach_stdin {
+                    return Err(CoreError::BadRequest("execution was not started with attach_stdin".into()));
+                }
+                agent.stdin(&aid, Bytes::from(text.unwrap_or_default()), false).await.map_err(CoreError::from_runtime)
+            }
+        }
+    }
+
+    // ---- files ----------------------------------------------------------------------------
+
+    /// Resolve a client path: relative paths start in the user's home.
+    fn resolve(&self, entry: &BoxEntry, path: &str) -> Result<String> {
+        if path.is_empty() || path.contains('\0') {
+            return Err(CoreError::BadRequest("file path must be a non-empty string without NUL bytes".into()));
+        }
+        if path.starts_with('/') {
+            return Ok(path.to_string());
+        }
+        let home = entry.rec.lock().unwrap().user.spec().home;
+        Ok(format!("{home}/{path}"))
+    }
+
+    pub async fn read_file(&self, tenant: &str, id: &str, path: &str) -> Result<(u64, ByteStream)> {
+        let entry = self.entry(tenant, id)?;
+        let agent = self.running_agent(&entry)?;
+        let p = self.resolve(&entry, path)?;
+        agent.read_file(&p).await.map_err(CoreError::from_runtime)
+    }
+
+    pub async fn write_file(&self, tenant: &str, id: &str, path: &str, data: ByteStream) -> Result<u64> {
+        let entry = self.entry(tenant, id)?;
+        let agent = self.running_agent(&entry)?;
+        let p = self.resolve(&entry, path)?;
+        let spec = entry.rec.lock().unwrap().user.spec();
+        agent.write_file(&p, spec.uid, spec.gid, data).await.map_err(CoreError::from_runtime)
+    }
+}
+
+fn libc_sigkill() -> i32 {
+    9
+}
