@@ -13,7 +13,13 @@ fn main() {
     let manifest = PathBuf::from(std::env::var("CARGO_MANIFEST_DIR").unwrap());
     let root = manifest.parent().unwrap().parent().unwrap().to_path_buf();
     println!("cargo:rerun-if-env-changed=DEVBOX_AGENT_PREBUILT");
-    for dir in ["crates/agent/src", "crates/agent/Cargo.toml", "crates/protocol/src", "crates/protocol/Cargo.toml", "Cargo.lock"] {
+    for dir in [
+        "crates/agent/src",
+        "crates/agent/Cargo.toml",
+        "crates/protocol/src",
+        "crates/protocol/Cargo.toml",
+        "Cargo.lock",
+    ] {
         println!("cargo:rerun-if-changed={}", root.join(dir).display());
     }
     if let Ok(pre) = std::env::var("DEVBOX_AGENT_PREBUILT") {
@@ -32,7 +38,11 @@ fn main() {
         .args(["--", "-C", "target-feature=+crt-static"]);
     // Do not leak the outer build's settings (clippy wrappers, flags meant for other crates).
     for (k, _) in std::env::vars() {
-        if k.starts_with("CARGO_") && k != "CARGO_HOME" || k == "RUSTC_WRAPPER" || k == "RUSTC_WORKSPACE_WRAPPER" || k == "RUSTFLAGS" {
+        if k.starts_with("CARGO_") && k != "CARGO_HOME"
+            || k == "RUSTC_WRAPPER"
+            || k == "RUSTC_WORKSPACE_WRAPPER"
+            || k == "RUSTFLAGS"
+        {
             cmd.env_remove(k);
         }
     }

@@ -50,7 +50,7 @@ def test_isolation_pid_namespace_hides_host_processes(devbox):
     script = f"""
 n=0; for p in /proc/[0-9]*; do n=$((n+1)); done; echo "count=$n"
 if [ -r /proc/{me}/cmdline ]; then echo "me=$(tr '\\0' ' ' < /proc/{me}/cmdline)"; else echo "me=<none>"; fi
-echo "pytest_hits=$(cat /proc/[0-9]*/cmdline 2>/dev/null | tr '\\0' '\\n' | grep -c '[p]ytest')"
+echo "host_runner_hits=$(cat /proc/[0-9]*/cmdline 2>/dev/null | tr '\\0' '\\n' | grep -c '[p]ytest')"
 echo "server_hits=$(cat /proc/[0-9]*/cmdline 2>/dev/null | tr '\\0' '\\n' | grep -c '^[-]-api-key$')"
 if command -v ps >/dev/null; then echo "ps_lines=$(ps -e | wc -l)"; fi
 """
@@ -60,7 +60,7 @@ if command -v ps >/dev/null; then echo "ps_lines=$(ps -e | wc -l)"; fi
     count = int(kv["count"])
     assert 1 <= count <= 40, f"box sees {count} processes; expected only its own few"
     assert "pytest" not in kv["me"], f"host pytest process visible inside the box: {kv['me']}"
-    assert kv["pytest_hits"] == "0", "a host pytest process is visible inside the box"
+    assert kv["host_runner_hits"] == "0", "a host pytest process is visible inside the box"
     assert kv["server_hits"] == "0", "the devboxd server process is visible inside the box"
     if "ps_lines" in kv:
         assert int(kv["ps_lines"]) <= 41, out

@@ -62,12 +62,7 @@ fn build_box(boot: &ContainerBoot) -> R<UnixListener> {
         "make mounts private",
         mount(None::<&str>, "/", None::<&str>, MsFlags::MS_REC | MsFlags::MS_PRIVATE, None::<&str>),
     )?;
-    let opts = format!(
-        "lowerdir={},upperdir={},workdir={}",
-        boot.lower_dirs.join(":"),
-        boot.upper_dir,
-        boot.work_dir
-    );
+    let opts = format!("lowerdir={},upperdir={},workdir={}", boot.lower_dirs.join(":"), boot.upper_dir, boot.work_dir);
     ctx("mount overlay root", mount(Some("overlay"), root, Some("overlay"), MsFlags::empty(), Some(opts.as_str())))?;
 
     let nosuid_nodev_noexec = MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC;
@@ -110,13 +105,7 @@ fn bind(src: &Path, dst: &Path, flags: MsFlags) -> R<()> {
     if !flags.is_empty() {
         ctx(
             &format!("remount {}", dst.display()),
-            mount(
-                None::<&str>,
-                dst,
-                None::<&str>,
-                MsFlags::MS_BIND | MsFlags::MS_REMOUNT | flags,
-                None::<&str>,
-            ),
+            mount(None::<&str>, dst, None::<&str>, MsFlags::MS_BIND | MsFlags::MS_REMOUNT | flags, None::<&str>),
         )?;
     }
     Ok(())
@@ -165,9 +154,12 @@ fn build_dev(root: &Path) -> R<()> {
             Some("mode=1777,size=65536k"),
         ),
     )?;
-    for (name, target) in
-        [("fd", "/proc/self/fd"), ("stdin", "/proc/self/fd/0"), ("stdout", "/proc/self/fd/1"), ("stderr", "/proc/self/fd/2")]
-    {
+    for (name, target) in [
+        ("fd", "/proc/self/fd"),
+        ("stdin", "/proc/self/fd/0"),
+        ("stdout", "/proc/self/fd/1"),
+        ("stderr", "/proc/self/fd/2"),
+    ] {
         ctx(&format!("link /dev/{name}"), symlink(target, dev.join(name)))?;
     }
     Ok(())
@@ -210,9 +202,7 @@ fn write_hosts(root: &Path, hostname: &str) -> R<()> {
         "write /etc/hosts",
         fs::write(
             etc.join("hosts"),
-            format!(
-                "127.0.0.1\tlocalhost\n127.0.1.1\t{hostname}\n::1\tlocalhost ip6-localhost ip6-loopback\n"
-            ),
+            format!("127.0.0.1\tlocalhost\n127.0.1.1\t{hostname}\n::1\tlocalhost ip6-localhost ip6-loopback\n"),
         ),
     )?;
     ctx("write /etc/hostname", fs::write(etc.join("hostname"), format!("{hostname}\n")))

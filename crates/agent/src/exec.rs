@@ -130,9 +130,9 @@ impl Procs {
         let exec_id = format!("e{}", g.next_id);
         let io = |e: std::io::Error| AgentError { kind: ErrorKind::Io, message: e.to_string() };
         let stdin = match child.stdin.take() {
-            Some(s) => Some(Arc::new(tokio::sync::Mutex::new(Some(
-                pipe::Sender::from_owned_fd(s.into()).map_err(io)?,
-            )))),
+            Some(s) => {
+                Some(Arc::new(tokio::sync::Mutex::new(Some(pipe::Sender::from_owned_fd(s.into()).map_err(io)?))))
+            }
             None => None,
         };
         let stdout = pipe::Receiver::from_owned_fd(child.stdout.take().expect("piped").into()).map_err(io)?;
@@ -157,7 +157,10 @@ impl Procs {
         // SAFETY: kill(2) with a pid we started; ESRCH (already gone) is not an error here.
         let rc = unsafe { libc::kill(target, signal) };
         if rc != 0 && std::io::Error::last_os_error().raw_os_error() != Some(libc::ESRCH) {
-            return Err(AgentError { kind: ErrorKind::BadRequest, message: std::io::Error::last_os_error().to_string() });
+            return Err(AgentError {
+                kind: ErrorKind::BadRequest,
+                message: std::io::Error::last_os_error().to_string(),
+            });
         }
         Ok(())
     }
@@ -180,7 +183,9 @@ impl Procs {
             return Err(AgentError { kind: ErrorKind::BadRequest, message: "stdin already closed".into() });
         };
         if !data.is_empty() {
-            w.write_all(&data).await.map_err(|e| AgentError { kind: ErrorKind::Io, message: format!("write stdin: {e}") })?;
+            w.write_all(&data)
+                .await
+                .map_err(|e| AgentError { kind: ErrorKind::Io, message: format!("write stdin: {e}") })?;
         }
         if close {
             *guard = None;

@@ -93,7 +93,8 @@ pub async fn write(q: &FileQuery, mut body: Incoming) -> Result<u64, AgentError>
         let mut f = tokio::fs::File::create(&tmp).await.map_err(|e| err(e, &q.path))?;
         let mut total = 0u64;
         while let Some(frame) = body.frame().await {
-            let frame = frame.map_err(|e| AgentError { kind: ErrorKind::Io, message: format!("upload interrupted: {e}") })?;
+            let frame =
+                frame.map_err(|e| AgentError { kind: ErrorKind::Io, message: format!("upload interrupted: {e}") })?;
             if let Ok(data) = frame.into_data() {
                 total += data.len() as u64;
                 f.write_all(&data).await.map_err(|e| err(e, &q.path))?;

@@ -7,8 +7,7 @@
 
 use caps::{CapSet, Capability};
 use seccompiler::{
-    BpfProgram, SeccompAction, SeccompCmpArgLen, SeccompCmpOp, SeccompCondition, SeccompFilter,
-    SeccompRule, TargetArch,
+    BpfProgram, SeccompAction, SeccompCmpArgLen, SeccompCmpOp, SeccompCondition, SeccompFilter, SeccompRule, TargetArch,
 };
 use std::collections::{BTreeMap, HashSet};
 
@@ -104,7 +103,9 @@ fn arch() -> TargetArch {
 fn install(prog: &BpfProgram) -> Result<(), String> {
     let fprog = libc::sock_fprog { len: prog.len() as u16, filter: prog.as_ptr() as *mut libc::sock_filter };
     // SAFETY: fprog points at a valid program that outlives the call; the kernel copies it.
-    let rc = unsafe { libc::syscall(libc::SYS_seccomp, 1 /* SECCOMP_SET_MODE_FILTER */, 0, &fprog) };
+    let rc = unsafe {
+        libc::syscall(libc::SYS_seccomp, 1 /* SECCOMP_SET_MODE_FILTER */, 0, &fprog)
+    };
     if rc != 0 {
         return Err(format!("install seccomp filter: {}", std::io::Error::last_os_error()));
     }

@@ -17,9 +17,9 @@ fn main() {
     let args: Vec<String> = std::env::args().collect();
     let result = match args.get(1).map(String::as_str) {
         Some("container-init") if args.len() == 3 => container::init(&args[2]),
-        Some("serve") if args.len() == 3 => UnixListener::bind(&args[2])
-            .map_err(|e| format!("bind {}: {e}", args[2]))
-            .and_then(server::run),
+        Some("serve") if args.len() == 3 => {
+            UnixListener::bind(&args[2]).map_err(|e| format!("bind {}: {e}", args[2])).and_then(server::run)
+        }
         Some("--version") => {
             println!("devbox-agent {} protocol {}", env!("CARGO_PKG_VERSION"), devbox_protocol::PROTOCOL_VERSION);
             Ok(())

@@ -104,9 +104,7 @@ async fn route(req: Request<Incoming>, procs: Procs) -> Response<Body> {
         (Method::POST, paths::EXEC) => exec(req, procs).await,
         (Method::GET, paths::FILES) => get_file(&req).await,
         (Method::PUT, paths::FILES) => match query::<FileQuery>(&req) {
-            Ok(q) => crate::files::write(&q, req.into_body())
-                .await
-                .map(|n| json(&serde_json::json!({ "bytes": n }))),
+            Ok(q) => crate::files::write(&q, req.into_body()).await.map(|n| json(&serde_json::json!({ "bytes": n }))),
             Err(e) => Err(e),
         },
         (Method::POST, p) if p.starts_with("/v1/exec/") => exec_action(req, procs).await,

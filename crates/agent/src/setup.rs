@@ -17,9 +17,7 @@ fn append(path: &str, line: &str) -> Result<(), AgentError> {
 }
 
 fn has_entry(path: &str, name: &str) -> bool {
-    fs::read_to_string(path)
-        .map(|s| s.lines().any(|l| l.split(':').next() == Some(name)))
-        .unwrap_or(false)
+    fs::read_to_string(path).map(|s| s.lines().any(|l| l.split(':').next() == Some(name))).unwrap_or(false)
 }
 
 pub fn setup(req: &SetupRequest) -> Result<(), AgentError> {

@@ -46,17 +46,18 @@ async fn auth(State(st): State<AppState>, mut req: Request, next: Next) -> Respo
 }
 
 pub fn router(state: AppState) -> Router {
-    let v1 = routes::v1()
-        .route_layer(axum::middleware::from_fn_with_state(state.clone(), auth))
-        .with_state(state);
+    let v1 = routes::v1().route_layer(axum::middleware::from_fn_with_state(state.clone(), auth)).with_state(state);
     Router::new()
         .route("/healthz", axum::routing::get(|| async { axum::Json(serde_json::json!({ "status": "ok" })) }))
         .merge(v1)
         .fallback(|| async { ApiError::NotFound("no such route".into()) })
         .method_not_allowed_fallback(|| async {
-            (axum::http::StatusCode::METHOD_NOT_ALLOWED, axum::Json(serde_json::json!({
-                "error": { "code": "method_not_allowed", "message": "method not allowed on this route" }
-            })))
+            (
+                axum::http::StatusCode::METHOD_NOT_ALLOWED,
+                axum::Json(serde_json::json!({
+                    "error": { "code": "method_not_allowed", "message": "method not allowed on this route" }
+                })),
+            )
         })
         .layer(axum::extract::DefaultBodyLimit::disable())
 }

@@ -71,14 +71,25 @@ fn hold(timeout: Option<f64>, max: f64) -> Result<Duration, ApiError> {
 
 // ---- devboxes ---------------------------------------------------------------------------------
 
-async fn create(State(st): State<AppState>, Extension(t): Extension<Tenant>, headers: HeaderMap, Json(req): Json<CreateDevbox>) -> R {
+async fn create(
+    State(st): State<AppState>,
+    Extension(t): Extension<Tenant>,
+    headers: HeaderMap,
+    Json(req): Json<CreateDevbox>,
+) -> R {
     let d = st.manager.create(&t.0, req, request_id(&headers))?;
     ok(views::devbox(&d))
 }
 
-async fn create_and_await(State(st): State<AppState>, Extension(t): Extension<Tenant>, headers: HeaderMap, Json(req): Json<CreateDevbox>) -> R {
+async fn create_and_await(
+    State(st): State<AppState>,
+    Extension(t): Extension<Tenant>,
+    headers: HeaderMap,
+    Json(req): Json<CreateDevbox>,
+) -> R {
     let d = st.manager.create(&t.0, req, request_id(&headers))?;
-    let settled = [Status::Running, Status::Failure, Status::Shutdown, Status::Suspended, Status::Suspending, Status::Resuming];
+    let settled =
+        [Status::Running, Status::Failure, Status::Shutdown, Status::Suspended, Status::Suspending, Status::Resuming];
     let d = st.manager.wait_for_status(&t.0, &d.id, &settled, CREATE_HOLD).await?.unwrap_or(d);
     ok(views::devbox(&d))
 }
@@ -116,7 +127,12 @@ struct UpdateBody {
     metadata: Option<BTreeMap<String, String>>,
 }
 
-async fn update(State(st): State<AppState>, Extension(t): Extension<Tenant>, Path(id): Path<String>, Json(b): Json<UpdateBody>) -> R {
+async fn update(
+    State(st): State<AppState>,
+    Extension(t): Extension<Tenant>,
+    Path(id): Path<String>,
+    Json(b): Json<UpdateBody>,
+) -> R {
     ok(views::devbox(&st.manager.update(&t.0, &id, b.name, b.metadata)?))
 }
 
@@ -126,7 +142,12 @@ struct WaitBody {
     timeout_seconds: Option<f64>,
 }
 
-async fn wait_for_status(State(st): State<AppState>, Extension(t): Extension<Tenant>, Path(id): Path<String>, Json(b): Json<WaitBody>) -> R {
+async fn wait_for_status(
+    State(st): State<AppState>,
+    Extension(t): Extension<Tenant>,
+    Path(id): Path<String>,
+    Json(b): Json<WaitBody>,
+) -> R {
     if b.statuses.is_empty() {
         return Err(ApiError::BadRequest("statuses must name at least one status".into()));
     }
@@ -202,7 +223,11 @@ impl LastN {
     fn get(&self) -> Result<Option<usize>, ApiError> {
         match self.last_n.as_deref() {
             None | Some("") => Ok(None),
-            Some(s) => s.trim().parse().map(Some).map_err(|_| ApiError::BadRequest(format!("last_n must be a whole number, got {s:?}"))),
+            Some(s) => s
+                .trim()
+                .parse()
+                .map(Some)
+                .map_err(|_| ApiError::BadRequest(format!("last_n must be a whole number, got {s:?}"))),
         }
     }
 }
@@ -219,7 +244,12 @@ fn params(b: &ExecBody) -> Result<ExecParams, ApiError> {
     })
 }
 
-async fn execute_sync(State(st): State<AppState>, Extension(t): Extension<Tenant>, Path(id): Path<String>, Json(b): Json<ExecBody>) -> R {
+async fn execute_sync(
+    State(st): State<AppState>,
+    Extension(t): Extension<Tenant>,
+    Path(id): Path<String>,
+    Json(b): Json<ExecBody>,
+) -> R {
     let mut p = params(&b)?;
     p.attach_stdin = false;
     let exec = st.manager.exec(&t.0, &id, p)?;
@@ -237,19 +267,35 @@ async fn execute_sync(State(st): State<AppState>, Extension(t): Extension<Tenant
     ok(v)
 }
 
-async fn execute_async(State(st): State<AppState>, Extension(t): Extension<Tenant>, Path(id): Path<String>, Json(b): Json<ExecBody>) -> R {
+async fn execute_async(
+    State(st): State<AppState>,
+    Extension(t): Extension<Tenant>,
+    Path(id): Path<String>,
+    Json(b): Json<ExecBody>,
+) -> R {
     let exec = st.manager.exec(&t.0, &id, params(&b)?)?;
     ok(views::execution(&exec.view(None)))
 }
 
-async fn execute(State(st): State<AppState>, Extension(t): Extension<Tenant>, Path(id): Path<String>, Query(q): Query<LastN>, Json(b): Json<ExecBody>) -> R {
+async fn execute(
+    State(st): State<AppState>,
+    Extension(t): Extension<Tenant>,
+    Path(id): Path<String>,
+    Query(q): Query<LastN>,
+    Json(b): Json<ExecBody>,
+) -> R {
     let hold = hold(b.optimistic_timeout, EXEC_HOLD_MAX)?;
     let exec = st.manager.exec(&t.0, &id, params(&b)?)?;
     exec.wait_for(&[ExecStatus::Completed], hold).await;
     ok(views::execution(&exec.view(q.get()?)))
 }
 
-async fn get_execution(State(st): State<AppState>, Extension(t): Extension<Tenant>, Path((id, eid)): Path<(String, String)>, Query(q): Query<LastN>) -> R {
+async fn get_execution(
+    State(st): State<AppState>,
+    Extension(t): Extension<Tenant>,
+    Path((id, eid)): Path<(String, String)>,
+    Query(q): Query<LastN>,
+) -> R {
     let exec = st.manager.execution(&t.0, &id, &eid)?;
     ok(views::execution(&exec.view(q.get()?)))
 }
@@ -260,7 +306,13 @@ struct ExecWaitBody {
     timeout_seconds: Option<f64>,
 }
 
-async fn wait_execution(State(st): State<AppState>, Extension(t): Extension<Tenant>, Path((id, eid)): Path<(String, String)>, Query(q): Query<LastN>, Json(b): Json<ExecWaitBody>) -> R {
+async fn wait_execution(
+    State(st): State<AppState>,
+    Extension(t): Extension<Tenant>,
+    Path((id, eid)): Path<(String, String)>,
+    Query(q): Query<LastN>,
+    Json(b): Json<ExecWaitBody>,
+) -> R {
     let last_n = q.get()?;
     if b.statuses.is_empty() {
         return Err(ApiError::BadRequest("statuses must name at least one status".into()));
@@ -284,7 +336,13 @@ struct KillBody {
     kill_process_group: Option<bool>,
 }
 
-async fn kill(State(st): State<AppState>, Extension(t): Extension<Tenant>, Path((id, eid)): Path<(String, String)>, Query(q): Query<LastN>, Json(b): Json<KillBody>) -> R {
+async fn kill(
+    State(st): State<AppState>,
+    Extension(t): Extension<Tenant>,
+    Path((id, eid)): Path<(String, String)>,
+    Query(q): Query<LastN>,
+    Json(b): Json<KillBody>,
+) -> R {
     let exec = st.manager.kill(&t.0, &id, &eid, b.kill_process_group.unwrap_or(true)).await?;
     ok(views::execution(&exec.view(q.get()?)))
 }
@@ -295,7 +353,12 @@ struct StdinBody {
     signal: Option<String>,
 }
 
-async fn send_std_in(State(st): State<AppState>, Extension(t): Extension<Tenant>, Path((id, eid)): Path<(String, String)>, Json(b): Json<StdinBody>) -> R {
+async fn send_std_in(
+    State(st): State<AppState>,
+    Extension(t): Extension<Tenant>,
+    Path((id, eid)): Path<(String, String)>,
+    Json(b): Json<StdinBody>,
+) -> R {
     match (&b.text, &b.signal) {
         (Some(_), Some(_)) | (None, None) => {
             return Err(ApiError::BadRequest("send exactly one of text or signal".into()));
@@ -312,12 +375,22 @@ struct OffsetQuery {
     offset: Option<String>,
 }
 
-async fn stream_stdout(State(st): State<AppState>, Extension(t): Extension<Tenant>, Path((id, eid)): Path<(String, String)>, Query(q): Query<OffsetQuery>) -> R {
+async fn stream_stdout(
+    State(st): State<AppState>,
+    Extension(t): Extension<Tenant>,
+    Path((id, eid)): Path<(String, String)>,
+    Query(q): Query<OffsetQuery>,
+) -> R {
     let exec = st.manager.execution(&t.0, &id, &eid)?;
     sse(exec, q, true)
 }
 
-async fn stream_stderr(State(st): State<AppState>, Extension(t): Extension<Tenant>, Path((id, eid)): Path<(String, String)>, Query(q): Query<OffsetQuery>) -> R {
+async fn stream_stderr(
+    State(st): State<AppState>,
+    Extension(t): Extension<Tenant>,
+    Path((id, eid)): Path<(String, String)>,
+    Query(q): Query<OffsetQuery>,
+) -> R {
     let exec = st.manager.execution(&t.0, &id, &eid)?;
     sse(exec, q, false)
 }
@@ -336,40 +409,50 @@ fn utf8_prefix(b: &[u8]) -> usize {
 fn sse(exec: Arc<Execution>, q: OffsetQuery, stdout: bool) -> R {
     let offset: u64 = match q.offset.as_deref() {
         None | Some("") => 0,
-        Some(s) => s.trim().parse().map_err(|_| ApiError::BadRequest(format!("offset must be a byte offset, got {s:?}")))?,
-    };
-    let stream = futures_util::stream::unfold((exec, offset, tokio::time::Instant::now() + STREAM_HOLD, false), move |(exec, mut offset, deadline, done)| async move {
-        if done {
-            return None;
+        Some(s) => {
+            s.trim().parse().map_err(|_| ApiError::BadRequest(format!("offset must be a byte offset, got {s:?}")))?
         }
-        let buf = if stdout { &exec.stdout } else { &exec.stderr };
-        let mut rx = buf.subscribe();
-        loop {
-            let (start, bytes) = buf.read_from(offset, 256 * 1024);
-            let finished = rx.borrow_and_update().1;
-            let take = if finished { bytes.len() } else { utf8_prefix(&bytes) };
-            if take > 0 {
-                offset = start + take as u64;
-                let data = json!({ "output": String::from_utf8_lossy(&bytes[..take]), "offset": offset });
-                let ev = Bytes::from(format!("data: {data}\n\n"));
-                return Some((Ok::<_, std::io::Error>(ev), (exec, offset, deadline, false)));
-            }
-            if finished {
+    };
+    let stream = futures_util::stream::unfold(
+        (exec, offset, tokio::time::Instant::now() + STREAM_HOLD, false),
+        move |(exec, mut offset, deadline, done)| async move {
+            if done {
                 return None;
             }
-            match tokio::time::timeout_at(deadline, rx.changed()).await {
-                Ok(Ok(())) => continue,
-                Ok(Err(_)) => return None,
-                Err(_) => {
-                    let ev = Bytes::from(format!(
-                        "event: error\ndata: {}\n\n",
-                        json!({ "code": 408, "message": "stream hold expired: reconnect with the last offset" })
-                    ));
-                    return Some((Ok(ev), (exec, offset, deadline, true)));
+            let buf = if stdout { &exec.stdout } else { &exec.stderr };
+            let mut rx = buf.subscribe();
+            loop {
+                let (start, bytes) = buf.read_from(offset, 256 * 1024);
+                let finished = rx.borrow_and_update().1;
+                // Never split a character across events; only bytes that can never complete
+                // (output ended, or garbage) go out as they are.
+                let mut take = utf8_prefix(&bytes);
+                if take == 0 && (finished || bytes.len() >= 4) {
+                    take = bytes.len();
+                }
+                if take > 0 {
+                    offset = start + take as u64;
+                    let data = json!({ "output": String::from_utf8_lossy(&bytes[..take]), "offset": offset });
+                    let ev = Bytes::from(format!("data: {data}\n\n"));
+                    return Some((Ok::<_, std::io::Error>(ev), (exec, offset, deadline, false)));
+                }
+                if finished {
+                    return None;
+                }
+                match tokio::time::timeout_at(deadline, rx.changed()).await {
+                    Ok(Ok(())) => continue,
+                    Ok(Err(_)) => return None,
+                    Err(_) => {
+                        let ev = Bytes::from(format!(
+                            "event: error\ndata: {}\n\n",
+                            json!({ "code": 408, "message": "stream hold expired: reconnect with the last offset" })
+                        ));
+                        return Some((Ok(ev), (exec, offset, deadline, true)));
+                    }
                 }
             }
-        }
-    });
+        },
+    );
     Ok(Response::builder()
         .header(header::CONTENT_TYPE, "text/event-stream")
         .header(header::CACHE_CONTROL, "no-cache")
@@ -384,7 +467,12 @@ struct ReadBody {
     file_path: String,
 }
 
-async fn read_file_contents(State(st): State<AppState>, Extension(t): Extension<Tenant>, Path(id): Path<String>, Json(b): Json<ReadBody>) -> R {
+async fn read_file_contents(
+    State(st): State<AppState>,
+    Extension(t): Extension<Tenant>,
+    Path(id): Path<String>,
+    Json(b): Json<ReadBody>,
+) -> R {
     let (size, stream) = st.manager.read_file(&t.0, &id, &b.file_path).await?;
     Ok(Response::builder()
         .header(header::CONTENT_TYPE, "text/plain; charset=utf-8")
@@ -399,7 +487,12 @@ struct WriteBody {
     contents: String,
 }
 
-async fn write_file_contents(State(st): State<AppState>, Extension(t): Extension<Tenant>, Path(id): Path<String>, Json(b): Json<WriteBody>) -> R {
+async fn write_file_contents(
+    State(st): State<AppState>,
+    Extension(t): Extension<Tenant>,
+    Path(id): Path<String>,
+    Json(b): Json<WriteBody>,
+) -> R {
     let data = futures_util::stream::once(async move { Ok(Bytes::from(b.contents)) }).boxed();
     st.manager.write_file(&t.0, &id, &b.file_path, data).await?;
     ok(json!({ "devbox_id": id, "exit_status": 0, "stdout": "", "stderr": "" }))
@@ -410,7 +503,12 @@ struct DownloadBody {
     path: String,
 }
 
-async fn download_file(State(st): State<AppState>, Extension(t): Extension<Tenant>, Path(id): Path<String>, Json(b): Json<DownloadBody>) -> R {
+async fn download_file(
+    State(st): State<AppState>,
+    Extension(t): Extension<Tenant>,
+    Path(id): Path<String>,
+    Json(b): Json<DownloadBody>,
+) -> R {
     let (size, stream) = st.manager.read_file(&t.0, &id, &b.path).await?;
     Ok(Response::builder()
         .header(header::CONTENT_TYPE, "application/octet-stream")
@@ -420,8 +518,14 @@ async fn download_file(State(st): State<AppState>, Extension(t): Extension<Tenan
 }
 
 /// Multipart `path` then `file`; the file part is streamed into the box, never buffered whole.
-async fn upload_file(State(st): State<AppState>, Extension(t): Extension<Tenant>, Path(id): Path<String>, mut mp: Multipart) -> R {
-    let bad = |e: axum::extract::multipart::MultipartError| ApiError::BadRequest(format!("invalid multipart body: {e}"));
+async fn upload_file(
+    State(st): State<AppState>,
+    Extension(t): Extension<Tenant>,
+    Path(id): Path<String>,
+    mut mp: Multipart,
+) -> R {
+    let bad =
+        |e: axum::extract::multipart::MultipartError| ApiError::BadRequest(format!("invalid multipart body: {e}"));
     let mut path: Option<String> = None;
     let mut written = None;
     while let Some(field) = mp.next_field().await.map_err(bad)? {
@@ -435,7 +539,8 @@ async fn upload_file(State(st): State<AppState>, Extension(t): Extension<Tenant>
                 // task through a small channel (bounded memory, back-pressure intact).
                 let mut field = field;
                 let (tx, rx) = tokio::sync::mpsc::channel::<std::io::Result<Bytes>>(8);
-                let stream = futures_util::stream::unfold(rx, |mut rx| async { rx.recv().await.map(|x| (x, rx)) }).boxed();
+                let stream =
+                    futures_util::stream::unfold(rx, |mut rx| async { rx.recv().await.map(|x| (x, rx)) }).boxed();
                 let (mgr, tenant, idc) = (st.manager.clone(), t.0.clone(), id.clone());
                 let writer = tokio::spawn(async move { mgr.write_file(&tenant, &idc, &p, stream).await });
                 loop {
@@ -467,4 +572,3 @@ async fn upload_file(State(st): State<AppState>, Extension(t): Extension<Tenant>
         (Some(_), Some(_)) => ok(json!({})),
     }
 }
-

@@ -264,7 +264,8 @@ impl Manager {
             return; // shut down before it booted
         }
         let rec = entry.snapshot();
-        let spec = BoxSpec { id: rec.id.clone(), hostname: rec.id.clone(), image: self.cfg.image.clone(), limits: rec.limits };
+        let spec =
+            BoxSpec { id: rec.id.clone(), hostname: rec.id.clone(), image: self.cfg.image.clone(), limits: rec.limits };
         let launched = match self.runtime.create(&spec).await {
             Ok(l) => l,
             Err(e) => {
@@ -303,7 +304,13 @@ impl Manager {
     }
 
     /// Newest first, like Runloop; `starting_after` is the id of the last item of the previous page.
-    pub fn list(&self, tenant: &str, status: Option<Status>, limit: usize, starting_after: Option<&str>) -> Result<Page<Devbox>> {
+    pub fn list(
+        &self,
+        tenant: &str,
+        status: Option<Status>,
+        limit: usize,
+        starting_after: Option<&str>,
+    ) -> Result<Page<Devbox>> {
         let mut all: Vec<Devbox> = self
             .boxes
             .read()
@@ -312,12 +319,14 @@ impl Manager {
             .map(|e| e.snapshot())
             .filter(|d| d.tenant == tenant && status.is_none_or(|s| d.status == s))
             .collect();
-        all.sort_by(|a, b| b.seq.cmp(&a.seq));
+        all.sort_by_key(|d| std::cmp::Reverse(d.seq));
         let total = all.len();
         let start = match starting_after {
             Some(after) => match all.iter().position(|d| d.id == after) {
                 Some(p) => p + 1,
-                None => return Err(CoreError::BadRequest(format!("starting_after {after:?} is not a devbox in this list"))),
+                None => {
+                    return Err(CoreError::BadRequest(format!("starting_after {after:?} is not a devbox in this list")))
+                }
             },
             None => 0,
         };
@@ -327,7 +336,13 @@ impl Manager {
     }
 
     /// `name`: Some("") clears it. `metadata` replaces the whole map.
-    pub fn update(&self, tenant: &str, id: &str, name: Option<String>, metadata: Option<BTreeMap<String, String>>) -> Result<Devbox> {
+    pub fn update(
+        &self,
+        tenant: &str,
+        id: &str,
+        name: Option<String>,
+        metadata: Option<BTreeMap<String, String>>,
+    ) -> Result<Devbox> {
         let entry = self.entry(tenant, id)?;
         let rec = {
             let mut r = entry.rec.lock().unwrap();
@@ -344,7 +359,13 @@ impl Manager {
     }
 
     /// Hold until the status is in `statuses`; `None` when `timeout` expires first.
-    pub async fn wait_for_status(&self, tenant: &str, id: &str, statuses: &[Status], timeout: Duration) -> Result<Option<Devbox>> {
+    pub async fn wait_for_status(
+        &self,
+        tenant: &str,
+        id: &str,
+        statuses: &[Status],
+        timeout: Duration,
+    ) -> Result<Option<Devbox>> {
         let entry = self.entry(tenant, id)?;
         let mut rx = entry.status.subscribe();
         let reached = tokio::time::timeout(timeout, rx.wait_for(|s| statuses.contains(s))).await;
@@ -459,7 +480,8 @@ impl Manager {
             return Err(CoreError::BadRequest("named shells (shell_name) are not supported yet".into()));
         }
         let agent = self.running_agent(&entry)?;
-        let exec = Arc::new(Execution::new(new_id("exe"), id.to_string(), p.command.clone(), p.shell_name, p.attach_stdin));
+        let exec =
+            Arc::new(Execution::new(new_id("exe"), id.to_string(), p.command.clone(), p.shell_name, p.attach_stdin));
         entry.execs.lock().unwrap().insert(exec.id.clone(), exec.clone());
         if let Some(cid) = p.command_id {
             entry.command_ids.lock().unwrap().insert(cid, exec.id.clone());
@@ -546,7 +568,14 @@ impl Manager {
         Ok(exec)
     }
 
-    pub async fn send_stdin(&self, tenant: &str, id: &str, exec_id: &str, text: Option<String>, signal: Option<&str>) -> Result<()> {
+    pub async fn send_stdin(
+        &self,
+        tenant: &str,
+        id: &str,
+        exec_id: &str,
+        text: Option<String>,
+        signal: Option<&str>,
+    ) -> Result<()> {
         let exec = self.execution(tenant, id, exec_id)?;
         if exec.status() == ExecStatus::Completed {
             return Err(CoreError::Conflict(format!("execution {exec_id} has completed")));

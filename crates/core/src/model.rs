@@ -139,7 +139,7 @@ impl LaunchParameters {
         let mut s = base;
         if custom {
             if let Some(c) = self.custom_cpu_cores {
-                if !(c == 0.5 || c == 1.0 || (c >= 2.0 && c <= 16.0 && c % 2.0 == 0.0)) {
+                if !(c == 0.5 || c == 1.0 || ((2.0..=16.0).contains(&c) && c % 2.0 == 0.0)) {
                     return Err(CoreError::BadRequest(
                         "custom_cpu_cores must be 0.5, 1 or a multiple of 2 up to 16".into(),
                     ));
@@ -147,7 +147,7 @@ impl LaunchParameters {
                 s.cpu_cores = c;
             }
             if let Some(m) = self.custom_gb_memory {
-                if !(m == 1 || (m >= 2 && m <= 64 && m % 2 == 0)) {
+                if !(m == 1 || ((2..=64).contains(&m) && m % 2 == 0)) {
                     return Err(CoreError::BadRequest("custom_gb_memory must be 1 or a multiple of 2 up to 64".into()));
                 }
                 s.memory_gb = m;

@@ -77,17 +77,15 @@ impl Store {
             let (id, json) = row?;
             match serde_json::from_str(&json) {
                 Ok(d) => out.push(d),
-                Err(e) => tracing::error!(%id, error = %e, "unreadable devbox record kept in the store"),
+                Err(e) => {
+                    tracing::error!(%id, error = %e, "unreadable devbox record kept in the store")
+                }
             }
         }
         Ok(out)
     }
 
     pub fn max_seq(&self) -> Result<i64> {
-        Ok(self
-            .conn
-            .lock()
-            .unwrap()
-            .query_row("SELECT COALESCE(MAX(seq), 0) FROM devboxes", [], |r| r.get(0))?)
+        Ok(self.conn.lock().unwrap().query_row("SELECT COALESCE(MAX(seq), 0) FROM devboxes", [], |r| r.get(0))?)
     }
 }

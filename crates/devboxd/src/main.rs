@@ -143,9 +143,7 @@ async fn serve(a: ServeArgs) -> Result<(), String> {
     let keys = api_keys(&a.api_keys, &data)?;
     let images = a.dirs.images();
     let images_blocking = images.clone();
-    tokio::task::spawn_blocking(move || build_image(&images_blocking))
-        .await
-        .map_err(|e| e.to_string())??;
+    tokio::task::spawn_blocking(move || build_image(&images_blocking)).await.map_err(|e| e.to_string())??;
     let runtime = ContainerRuntime::new(&data, images).map_err(|e| e.to_string())?;
     tracing::info!("{}", runtime.describe());
     let store = Store::open(&data.join("devboxd.db")).map_err(|e| format!("open store: {e}"))?;
@@ -158,7 +156,8 @@ async fn serve(a: ServeArgs) -> Result<(), String> {
     tracing::info!(listen = %a.listen, data_dir = %data.display(), tenants = keys.len(), "devboxd serving");
     axum::serve(listener, app)
         .with_graceful_shutdown(async {
-            let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler");
+            let mut term =
+                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler");
             tokio::select! {
                 _ = term.recv() => {},
                 _ = tokio::signal::ctrl_c() => {},

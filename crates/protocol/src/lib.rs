@@ -191,10 +191,8 @@ mod tests {
             serde_json::to_string(&req).unwrap(),
             r#"{"command":"echo hi","argv":[],"shell":true,"user":{"name":"root","uid":0,"gid":0,"home":"/root"},"env":[["A","b"]],"cwd":null,"stdin":false}"#
         );
-        let minimal: ExecRequest = serde_json::from_str(
-            r#"{"command":"x","user":{"name":"u","uid":1,"gid":1,"home":"/h"}}"#,
-        )
-        .unwrap();
+        let minimal: ExecRequest =
+            serde_json::from_str(r#"{"command":"x","user":{"name":"u","uid":1,"gid":1,"home":"/h"}}"#).unwrap();
         assert!(minimal.shell);
         assert_eq!(
             serde_json::to_string(&Exit { code: None, signal: Some(9) }).unwrap(),

@@ -107,11 +107,7 @@ impl AgentClient {
     }
 
     fn request(method: Method, uri: &str, body: Body) -> Request<Body> {
-        Request::builder()
-            .method(method)
-            .uri(format!("http://agent{uri}"))
-            .body(body)
-            .expect("valid request")
+        Request::builder().method(method).uri(format!("http://agent{uri}")).body(body).expect("valid request")
     }
 
     async fn json<T: serde::de::DeserializeOwned>(&self, req: Request<Body>) -> Result<T> {

@@ -11,8 +11,18 @@ pub const DEFAULT_IMAGE: &str = "default";
 const SUITE: &str = "bookworm";
 /// What an agent expects to find in a box, beyond minbase.
 const PACKAGES: &[&str] = &[
-    "bash", "coreutils", "git", "curl", "ca-certificates", "python3", "procps", "sudo", "vim-tiny", "less",
-    "xz-utils", "ncurses-bin",
+    "bash",
+    "coreutils",
+    "git",
+    "curl",
+    "ca-certificates",
+    "python3",
+    "procps",
+    "sudo",
+    "vim-tiny",
+    "less",
+    "xz-utils",
+    "ncurses-bin",
 ];
 const USER_HOOK: &str = "chroot \"$1\" sh -c 'groupadd -g 1000 user && useradd -m -u 1000 -g 1000 -s /bin/bash user \
      && echo \"user ALL=(ALL) NOPASSWD:ALL\" > /etc/sudoers.d/devbox-user && chmod 0440 /etc/sudoers.d/devbox-user'";
@@ -129,9 +139,7 @@ fn mirror_from(text: &str) -> Option<String> {
         }
     }
     for stanza in text.split("\n\n") {
-        let field = |name: &str| {
-            stanza.lines().find_map(|l| l.strip_prefix(name).map(|v| v.trim().to_string()))
-        };
+        let field = |name: &str| stanza.lines().find_map(|l| l.strip_prefix(name).map(|v| v.trim().to_string()));
         if let (Some(uris), Some(suites)) = (field("URIs:"), field("Suites:")) {
             if suites.split_whitespace().any(|s| s == SUITE) {
                 return uris.split_whitespace().next().map(String::from);

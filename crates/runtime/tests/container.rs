@@ -41,15 +41,8 @@ struct Out {
 }
 
 async fn run_as(agent: &AgentClient, user: UserSpec, cmd: &str) -> Out {
-    let req = ExecRequest {
-        command: cmd.into(),
-        argv: vec![],
-        shell: true,
-        user,
-        env: vec![],
-        cwd: None,
-        stdin: false,
-    };
+    let req =
+        ExecRequest { command: cmd.into(), argv: vec![], shell: true, user, env: vec![], cwd: None, stdin: false };
     let mut s = agent.exec(&req).await.expect("exec");
     let (mut stdout, mut stderr, mut status) = (vec![], vec![], None);
     while let Some(f) = s.next().await.expect("frame") {
@@ -105,7 +98,9 @@ async fn box_cannot_see_host_files_processes_or_loopback() {
     assert_ne!(run(&l.agent, &format!("test -e {marker}")).await.status, 0, "host file visible");
     assert_ne!(run(&l.agent, "test -e /work").await.status, 0, "host /work visible");
     let me = std::process::id();
-    let o = run(&l.agent, &format!("test -e /proc/{me}/cmdline && cat /proc/{me}/cmdline; ls /proc | grep -c '^[0-9]'")).await;
+    let o =
+        run(&l.agent, &format!("test -e /proc/{me}/cmdline && cat /proc/{me}/cmdline; ls /proc | grep -c '^[0-9]'"))
+            .await;
     let nprocs: u32 = o.stdout.lines().last().unwrap().trim().parse().unwrap();
     assert!(nprocs < 10, "box sees {nprocs} processes: {}", o.stdout);
     let o = run(&l.agent, &format!("timeout 3 bash -c 'echo > /dev/tcp/127.0.0.1/{port}'")).await;

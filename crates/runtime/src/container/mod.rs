@@ -140,7 +140,10 @@ impl ContainerRuntime {
             .await
             .map_err(io(format!("start {}", self.agent.display())))?;
         if !status.success() {
-            return Err(RuntimeError::AgentNotReady(format!("box launcher failed ({status}): {}", self.log_tail(&spec.id))));
+            return Err(RuntimeError::AgentNotReady(format!(
+                "box launcher failed ({status}): {}",
+                self.log_tail(&spec.id)
+            )));
         }
         let pid: i32 = std::fs::read_to_string(dir.join("init.pid"))
             .map_err(io("read init pid"))?
@@ -184,12 +187,16 @@ impl Runtime for ContainerRuntime {
 
     async fn freeze(&self, id: &str, _state: &RuntimeState) -> Result<()> {
         let (c, id) = (self.cgroups.clone(), id.to_string());
-        tokio::task::spawn_blocking(move || c.freeze(&id, true)).await.map_err(|e| RuntimeError::Transport(e.to_string()))?
+        tokio::task::spawn_blocking(move || c.freeze(&id, true))
+            .await
+            .map_err(|e| RuntimeError::Transport(e.to_string()))?
     }
 
     async fn thaw(&self, id: &str, _state: &RuntimeState) -> Result<()> {
         let (c, id) = (self.cgroups.clone(), id.to_string());
-        tokio::task::spawn_blocking(move || c.freeze(&id, false)).await.map_err(|e| RuntimeError::Transport(e.to_string()))?
+        tokio::task::spawn_blocking(move || c.freeze(&id, false))
+            .await
+            .map_err(|e| RuntimeError::Transport(e.to_string()))?
     }
 
     async fn destroy(&self, id: &str, state: &RuntimeState) -> Result<()> {
