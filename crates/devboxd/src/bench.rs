@@ -1,6 +1,17 @@
-//! `devboxd bench`: latency of a running server next to raw baselines measured in the same run.
+//! `devboxd bench`: latency of a running server next to raw baselines measured in the same
+//! run on the same machine, with the ratio between them.
+//!
+//! Baselines: a raw sandbox made in-process (namespaces + overlay of the same image + pivot_root
+//! + exec /bin/true), `nsenter` into a running box, and the host memory of raw idle sandboxes.
 
+use bytes::Bytes;
 use clap::Args;
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::{connect::HttpConnector, Client};
+use serde_json::{json, Value};
+use std::ffi::CString;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
 
 #[derive(Args)]
 pub struct BenchArgs {
@@ -9,8 +20,332 @@ pub struct BenchArgs {
     pub url: String,
     #[arg(long, env = "RUNLOOP_API_KEY")]
     pub api_key: String,
+    /// Image dir of the server (for the raw-sandbox baseline).
+    #[arg(long, default_value = "/var/lib/devboxd/images")]
+    pub image_dir: PathBuf,
+    /// Sequential creates to time.
+    #[arg(long, default_value_t = 50)]
+    pub creates: usize,
+    /// Exec round trips to time.
+    #[arg(long, default_value_t = 200)]
+    pub execs: usize,
+    /// Concurrent creates.
+    #[arg(long, default_value_t = 20)]
+    pub concurrent: usize,
 }
 
-pub async fn run(_a: BenchArgs) -> Result<(), String> {
-    Err("bench: not implemented yet".into())
+struct Api {
+    client: Client<HttpConnector, Full<Bytes>>,
+    url: String,
+    key: String,
+}
+
+impl Api {
+    async fn call(&self, method: &str, path: &str, body: Option<Value>) -> Result<(u16, Value), String> {
+        let data = body.map(|b| b.to_string()).unwrap_or_default();
+        let req = hyper::Request::builder()
+            .method(method)
+            .uri(format!("{}{path}", self.url))
+            .header("authorization", format!("Bearer {}", self.key))
+            .header("content-type", "application/json")
+            .body(Full::new(Bytes::from(data)))
+            .map_err(|e| e.to_string())?;
+        let resp = self.client.request(req).await.map_err(|e| format!("{path}: {e}"))?;
+        let status = resp.status().as_u16();
+        let bytes = resp.into_body().collect().await.map_err(|e| e.to_string())?.to_bytes();
+        Ok((status, serde_json::from_slice(&bytes).unwrap_or(Value::Null)))
+    }
+
+    async fn create_running(&self) -> Result<String, String> {
+        let (s, v) = self.call("POST", "/v1/devboxes/create_and_await_running", Some(json!({"name": "bench"}))).await?;
+        if s != 200 || v["status"] != "running" {
+            return Err(format!("create failed: {s} {v}"));
+        }
+        Ok(v["id"].as_str().unwrap_or_default().to_string())
+    }
+
+    async fn shutdown(&self, id: &str) {
+        let _ = self.call("POST", &format!("/v1/devboxes/{id}/shutdown"), None).await;
+    }
+}
+
+fn pct(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[i]
+}
+
+fn summary(mut v: Vec<f64>) -> (f64, f64) {
+    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    (pct(&v, 0.5), pct(&v, 0.99))
+}
+
+fn row(name: &str, ours: (f64, f64), base_name: &str, base: (f64, f64), unit: &str) {
+    println!(
+        "{name:<34} p50 {:>8.2} {unit}  p99 {:>8.2} {unit} | baseline {base_name:<28} p50 {:>8.2} {unit}  p99 {:>8.2} {unit} | ratio p50 {:.2}x",
+        ours.0,
+        ours.1,
+        base.0,
+        base.1,
+        ours.0 / base.0
+    );
+}
+
+fn mem_available_kib() -> u64 {
+    std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|s| {
+            s.lines().find_map(|l| {
+                l.strip_prefix("MemAvailable:").and_then(|v| v.trim().trim_end_matches(" kB").trim().parse().ok())
+            })
+        })
+        .unwrap_or(0)
+}
+
+/// One raw sandbox: fork, unshare namespaces, overlay the image, pivot, exec `argv`.
+/// Returns the child pid. Only syscalls run between fork and exec (the caller is threaded).
+fn raw_sandbox(lower: &Path, dir: &Path, argv: &[&str]) -> Result<i32, String> {
+    for sub in ["upper", "work", "root"] {
+        std::fs::create_dir_all(dir.join(sub)).map_err(|e| e.to_string())?;
+    }
+    let c = |s: &str| CString::new(s).unwrap();
+    let opts = c(&format!(
+        "lowerdir={},upperdir={},workdir={}",
+        lower.display(),
+        dir.join("upper").display(),
+        dir.join("work").display()
+    ));
+    let root = c(&dir.join("root").display().to_string());
+    let (overlay, slash, dot, proc_) = (c("overlay"), c("/"), c("."), c("proc"));
+    let args: Vec<CString> = argv.iter().map(|a| c(a)).collect();
+    let mut argp: Vec<*const libc::c_char> = args.iter().map(|a| a.as_ptr()).collect();
+    argp.push(std::ptr::null());
+    let envp: [*const libc::c_char; 1] = [std::ptr::null()];
+    // SAFETY: the child only makes raw syscalls on memory prepared before the fork, then execs
+    // or exits.
+    unsafe {
+        let pid = libc::fork();
+        if pid < 0 {
+            return Err(std::io::Error::last_os_error().to_string());
+        }
+        if pid == 0 {
+            let flags = libc::CLONE_NEWNS
+                | libc::CLONE_NEWUTS
+                | libc::CLONE_NEWIPC
+                | libc::CLONE_NEWNET
+                | libc::CLONE_NEWCGROUP
+                | libc::CLONE_NEWPID;
+            if libc::unshare(flags) != 0 {
+                libc::_exit(10);
+            }
+            // pid 1 of the new namespace, as in a devbox.
+            let inner = libc::fork();
+            if inner != 0 {
+                let mut st = 0;
+                libc::waitpid(inner, &mut st, 0);
+                libc::_exit(if libc::WIFEXITED(st) { libc::WEXITSTATUS(st) } else { 11 });
+            }
+            if libc::mount(
+                std::ptr::null(),
+                slash.as_ptr(),
+                std::ptr::null(),
+                libc::MS_REC | libc::MS_PRIVATE,
+                std::ptr::null(),
+            ) != 0
+                || libc::mount(overlay.as_ptr(), root.as_ptr(), overlay.as_ptr(), 0, opts.as_ptr().cast()) != 0
+                || libc::chdir(root.as_ptr()) != 0
+                || libc::mount(proc_.as_ptr(), proc_.as_ptr(), proc_.as_ptr(), 0, std::ptr::null()) != 0
+                || libc::syscall(libc::SYS_pivot_root, dot.as_ptr(), dot.as_ptr()) != 0
+                || libc::umount2(dot.as_ptr(), libc::MNT_DETACH) != 0
+            {
+                libc::_exit(12);
+            }
+            libc::execve(argp[0], argp.as_ptr(), envp.as_ptr());
+            libc::_exit(13);
+        }
+        Ok(pid)
+    }
+}
+
+fn wait_ok(pid: i32) -> Result<(), String> {
+    let mut st = 0;
+    // SAFETY: waitpid on our own child.
+    unsafe { libc::waitpid(pid, &mut st, 0) };
+    if libc::WIFEXITED(st) && libc::WEXITSTATUS(st) == 0 {
+        Ok(())
+    } else {
+        Err(format!("raw sandbox failed (wait status {st})"))
+    }
+}
+
+/// Time `n` raw sandboxes running /bin/true, sequentially (ms each).
+fn raw_creates(lower: &Path, scratch: &Path, n: usize) -> Result<Vec<f64>, String> {
+    let mut v = vec![];
+    for i in 0..n {
+        let dir = scratch.join(format!("raw{i}"));
+        let t = Instant::now();
+        let pid = raw_sandbox(lower, &dir, &["/bin/true"])?;
+        wait_ok(pid)?;
+        v.push(t.elapsed().as_secs_f64() * 1000.0);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+    Ok(v)
+}
+
+fn box_init_pid(id: &str) -> Option<i32> {
+    let procs = std::fs::read_to_string(format!("/sys/fs/cgroup/pids/devboxd/{id}/cgroup.procs"))
+        .or_else(|_| std::fs::read_to_string(format!("/sys/fs/cgroup/devboxd/{id}/cgroup.procs")))
+        .ok()?;
+    procs.lines().filter_map(|l| l.trim().parse().ok()).min()
+}
+
+pub async fn run(a: BenchArgs) -> Result<(), String> {
+    let api = std::sync::Arc::new(Api {
+        client: Client::builder(hyper_util::rt::TokioExecutor::new()).build_http(),
+        url: a.url.trim_end_matches('/').to_string(),
+        key: a.api_key.clone(),
+    });
+    let lower = a.image_dir.join("default/rootfs");
+    if !lower.is_dir() {
+        return Err(format!("image {} not found: pass --image-dir of the server", lower.display()));
+    }
+    let scratch = std::env::temp_dir().join(format!("devboxd-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&scratch).map_err(|e| e.to_string())?;
+    println!(
+        "devboxd bench against {} ({} cores)",
+        api.url,
+        std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
+    );
+
+    // Warm-up: page cache, connection pool.
+    let id = api.create_running().await?;
+    api.shutdown(&id).await;
+
+    // 1. create -> running.
+    let mut ours = vec![];
+    for _ in 0..a.creates {
+        let t = Instant::now();
+        let id = api.create_running().await?;
+        ours.push(t.elapsed().as_secs_f64() * 1000.0);
+        api.shutdown(&id).await;
+    }
+    let (l2, s2, n) = (lower.clone(), scratch.clone(), a.creates);
+    let base = tokio::task::spawn_blocking(move || raw_creates(&l2, &s2, n)).await.map_err(|e| e.to_string())??;
+    row("create -> running", summary(ours), "raw ns+overlay+exec true", summary(base), "ms");
+
+    // 2. exec round trip of `true`.
+    let id = api.create_running().await?;
+    let mut ours = vec![];
+    for _ in 0..a.execs {
+        let t = Instant::now();
+        let (s, v) =
+            api.call("POST", &format!("/v1/devboxes/{id}/execute_sync"), Some(json!({"command": "true"}))).await?;
+        if s != 200 || v["exit_status"] != 0 {
+            return Err(format!("exec failed: {s} {v}"));
+        }
+        ours.push(t.elapsed().as_secs_f64() * 1000.0);
+    }
+    let pid = box_init_pid(&id).ok_or("cannot find the box's init pid for the nsenter baseline")?;
+    let mut base = vec![];
+    for _ in 0..a.execs {
+        let t = Instant::now();
+        let st = std::process::Command::new("nsenter")
+            .args(["-t", &pid.to_string(), "-a", "/bin/true"])
+            .status()
+            .map_err(|e| format!("nsenter: {e}"))?;
+        if !st.success() {
+            return Err("nsenter baseline failed".into());
+        }
+        base.push(t.elapsed().as_secs_f64() * 1000.0);
+    }
+    row("exec `true` round trip", summary(ours), "nsenter -a /bin/true", summary(base), "ms");
+    api.shutdown(&id).await;
+
+    // 3. concurrent creates.
+    let t = Instant::now();
+    let mut tasks = vec![];
+    for _ in 0..a.concurrent {
+        let api = api.clone();
+        tasks.push(tokio::spawn(async move { api.create_running().await }));
+    }
+    let mut ids = vec![];
+    for task in tasks {
+        ids.push(task.await.map_err(|e| e.to_string())??);
+    }
+    let ours_wall = t.elapsed().as_secs_f64() * 1000.0;
+    for id in &ids {
+        api.shutdown(id).await;
+    }
+    let (l2, s2, n) = (lower.clone(), scratch.clone(), a.concurrent);
+    let base_wall = tokio::task::spawn_blocking(move || -> Result<f64, String> {
+        let t = Instant::now();
+        let pids: Vec<i32> =
+            (0..n).map(|i| raw_sandbox(&l2, &s2.join(format!("conc{i}")), &["/bin/true"])).collect::<Result<_, _>>()?;
+        for p in pids {
+            wait_ok(p)?;
+        }
+        Ok(t.elapsed().as_secs_f64() * 1000.0)
+    })
+    .await
+    .map_err(|e| e.to_string())??;
+    println!(
+        "{:<34} wall {:>8.1} ms | baseline {:<28} wall {:>8.1} ms | ratio {:.2}x",
+        format!("{} concurrent creates", a.concurrent),
+        ours_wall,
+        "raw sandboxes, all at once",
+        base_wall,
+        ours_wall / base_wall
+    );
+
+    // 4. host memory per idle box.
+    let n = a.concurrent;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let before = mem_available_kib();
+    let mut ids = vec![];
+    for _ in 0..n {
+        ids.push(api.create_running().await?);
+    }
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    let ours_mem = before.saturating_sub(mem_available_kib()) as f64 / 1024.0 / n as f64;
+    for id in &ids {
+        api.shutdown(id).await;
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let (l2, s2) = (lower.clone(), scratch.clone());
+    let base_mem = tokio::task::spawn_blocking(move || -> Result<f64, String> {
+        let before = mem_available_kib();
+        let pids: Vec<i32> = (0..n)
+            .map(|i| raw_sandbox(&l2, &s2.join(format!("idle{i}")), &["/bin/sleep", "600"]))
+            .collect::<Result<_, _>>()?;
+        std::thread::sleep(Duration::from_millis(1000));
+        let used = before.saturating_sub(mem_available_kib()) as f64 / 1024.0 / n as f64;
+        for p in pids {
+            // The sandbox's init is the child of our waiter process: kill it first (that
+            // tears down its pid namespace), then the waiter.
+            let kids = std::fs::read_to_string(format!("/proc/{p}/task/{p}/children")).unwrap_or_default();
+            for k in kids.split_whitespace().filter_map(|k| k.parse::<i32>().ok()) {
+                // SAFETY: kill(2) on the sandbox init we forked.
+                unsafe { libc::kill(k, libc::SIGKILL) };
+            }
+            // SAFETY: kill(2) and waitpid(2) on our own child.
+            unsafe { libc::kill(p, libc::SIGKILL) };
+            let mut st = 0;
+            unsafe { libc::waitpid(p, &mut st, 0) };
+        }
+        Ok(used)
+    })
+    .await
+    .map_err(|e| e.to_string())??;
+    println!(
+        "{:<34} {:>8.2} MiB/box | baseline {:<28} {:>8.2} MiB/box | ratio {:.2}x",
+        "host memory per idle box",
+        ours_mem,
+        "raw sandbox running sleep",
+        base_mem,
+        ours_mem / base_mem.max(0.01)
+    );
+    let _ = std::fs::remove_dir_all(&scratch);
+    Ok(())
 }
