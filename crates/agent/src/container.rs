@@ -24,17 +24,10 @@ pub fn init(boot_path: &str) -> R<()> {
     for procs in &boot.cgroup_procs {
         ctx(&format!("join cgroup {procs}"), fs::write(procs, b"0"))?;
     }
-    ctx(
-        "unshare namespaces",
-        unshare(
-            CloneFlags::CLONE_NEWNS
-                | CloneFlags::CLONE_NEWPID
-                | CloneFlags::CLONE_NEWUTS
-                | CloneFlags::CLONE_NEWIPC
-                | CloneFlags::CLONE_NEWNET
-                | CloneFlags::CLONE_NEWCGROUP,
-        ),
-    )?;
+    // Only the pid namespace here (it applies to the forked child). The others are unshared
+    // by the child itself: if this launcher shared the child's mount namespace, the child's
+    // pivot_root would move the launcher's root too, racing its pid file write.
+    ctx("unshare pid namespace", unshare(CloneFlags::CLONE_NEWPID))?;
     // SAFETY: single-threaded at this point; the child only continues this function.
     match ctx("fork box init", unsafe { fork() })? {
         ForkResult::Parent { child } => {
@@ -57,6 +50,16 @@ pub fn init(boot_path: &str) -> R<()> {
 }
 
 fn build_box(boot: &ContainerBoot) -> R<UnixListener> {
+    ctx(
+        "unshare namespaces",
+        unshare(
+            CloneFlags::CLONE_NEWNS
+                | CloneFlags::CLONE_NEWUTS
+                | CloneFlags::CLONE_NEWIPC
+                | CloneFlags::CLONE_NEWNET
+                | CloneFlags::CLONE_NEWCGROUP,
+        ),
+    )?;
     let root = Path::new(&boot.root_dir);
     ctx(
         "make mounts private",

@@ -93,17 +93,6 @@ fn row(name: &str, ours: (f64, f64), base_name: &str, base: (f64, f64), unit: &s
     );
 }
 
-fn mem_available_kib() -> u64 {
-    std::fs::read_to_string("/proc/meminfo")
-        .ok()
-        .and_then(|s| {
-            s.lines().find_map(|l| {
-                l.strip_prefix("MemAvailable:").and_then(|v| v.trim().trim_end_matches(" kB").trim().parse().ok())
-            })
-        })
-        .unwrap_or(0)
-}
-
 /// One raw sandbox: fork, unshare namespaces, overlay the image, pivot, exec `argv`.
 /// Returns the child pid. Only syscalls run between fork and exec (the caller is threaded).
 fn raw_sandbox(lower: &Path, dir: &Path, argv: &[&str]) -> Result<i32, String> {
@@ -194,6 +183,23 @@ fn raw_creates(lower: &Path, scratch: &Path, n: usize) -> Result<Vec<f64>, Strin
     Ok(v)
 }
 
+fn pss_kib(pid: i32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("Pss:").and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok()))
+        })
+        .unwrap_or(0)
+}
+
+fn box_pids(id: &str) -> Vec<i32> {
+    std::fs::read_to_string(format!("/sys/fs/cgroup/pids/devboxd/{id}/cgroup.procs"))
+        .or_else(|_| std::fs::read_to_string(format!("/sys/fs/cgroup/devboxd/{id}/cgroup.procs")))
+        .map(|s| s.lines().filter_map(|l| l.trim().parse().ok()).collect())
+        .unwrap_or_default()
+}
+
 fn box_init_pid(id: &str) -> Option<i32> {
     let procs = std::fs::read_to_string(format!("/sys/fs/cgroup/pids/devboxd/{id}/cgroup.procs"))
         .or_else(|_| std::fs::read_to_string(format!("/sys/fs/cgroup/devboxd/{id}/cgroup.procs")))
@@ -207,10 +213,9 @@ pub async fn run(a: BenchArgs) -> Result<(), String> {
         url: a.url.trim_end_matches('/').to_string(),
         key: a.api_key.clone(),
     });
-    let lower = a.image_dir.join("default/rootfs");
-    if !lower.is_dir() {
-        return Err(format!("image {} not found: pass --image-dir of the server", lower.display()));
-    }
+    let lower = devbox_runtime::image::ImageStore::new(&a.image_dir)
+        .rootfs(devbox_runtime::image::DEFAULT_IMAGE)
+        .map_err(|e| format!("{e} (pass the server's --image-dir)"))?;
     let scratch = std::env::temp_dir().join(format!("devboxd-bench-{}", std::process::id()));
     std::fs::create_dir_all(&scratch).map_err(|e| e.to_string())?;
     println!(
@@ -299,34 +304,43 @@ pub async fn run(a: BenchArgs) -> Result<(), String> {
         ours_wall / base_wall
     );
 
-    // 4. host memory per idle box.
+    // 4. host memory per idle box: proportional set size of every process of the box (its
+    // init, the agent), against a raw sandbox idling in `sleep` (its waiter and sleep).
     let n = a.concurrent;
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    let before = mem_available_kib();
     let mut ids = vec![];
     for _ in 0..n {
         ids.push(api.create_running().await?);
     }
-    tokio::time::sleep(Duration::from_millis(1000)).await;
-    let ours_mem = before.saturating_sub(mem_available_kib()) as f64 / 1024.0 / n as f64;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let mut ours_kib = 0;
+    let mut cg_bytes = 0u64;
+    for id in &ids {
+        for pid in box_pids(id) {
+            ours_kib += pss_kib(pid);
+        }
+        cg_bytes += std::fs::read_to_string(format!("/sys/fs/cgroup/memory/devboxd/{id}/memory.usage_in_bytes"))
+            .ok()
+            .and_then(|s| s.trim().parse::<u64>().ok())
+            .unwrap_or(0);
+    }
     for id in &ids {
         api.shutdown(id).await;
     }
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    let ours_mem = ours_kib as f64 / 1024.0 / n as f64;
     let (l2, s2) = (lower.clone(), scratch.clone());
     let base_mem = tokio::task::spawn_blocking(move || -> Result<f64, String> {
-        let before = mem_available_kib();
         let pids: Vec<i32> = (0..n)
             .map(|i| raw_sandbox(&l2, &s2.join(format!("idle{i}")), &["/bin/sleep", "600"]))
             .collect::<Result<_, _>>()?;
-        std::thread::sleep(Duration::from_millis(1000));
-        let used = before.saturating_sub(mem_available_kib()) as f64 / 1024.0 / n as f64;
-        for p in pids {
-            // The sandbox's init is the child of our waiter process: kill it first (that
-            // tears down its pid namespace), then the waiter.
+        std::thread::sleep(Duration::from_millis(500));
+        let mut kib = 0;
+        for &p in &pids {
+            kib += pss_kib(p);
             let kids = std::fs::read_to_string(format!("/proc/{p}/task/{p}/children")).unwrap_or_default();
             for k in kids.split_whitespace().filter_map(|k| k.parse::<i32>().ok()) {
-                // SAFETY: kill(2) on the sandbox init we forked.
+                kib += pss_kib(k);
+                // The sandbox's init is the child of our waiter: killing it tears down its
+                // pid namespace. SAFETY: kill(2) on the sandbox init we forked.
                 unsafe { libc::kill(k, libc::SIGKILL) };
             }
             // SAFETY: kill(2) and waitpid(2) on our own child.
@@ -334,18 +348,25 @@ pub async fn run(a: BenchArgs) -> Result<(), String> {
             let mut st = 0;
             unsafe { libc::waitpid(p, &mut st, 0) };
         }
-        Ok(used)
+        Ok(kib as f64 / 1024.0 / n as f64)
     })
     .await
     .map_err(|e| e.to_string())??;
     println!(
         "{:<34} {:>8.2} MiB/box | baseline {:<28} {:>8.2} MiB/box | ratio {:.2}x",
-        "host memory per idle box",
+        "host memory per idle box (PSS)",
         ours_mem,
-        "raw sandbox running sleep",
+        "raw sandbox idling in sleep",
         base_mem,
         ours_mem / base_mem.max(0.01)
     );
+    if cg_bytes > 0 {
+        println!(
+            "{:<34} {:>8.2} MiB/box (memory cgroup usage, page cache included)",
+            "",
+            cg_bytes as f64 / n as f64 / 1048576.0
+        );
+    }
     let _ = std::fs::remove_dir_all(&scratch);
     Ok(())
 }

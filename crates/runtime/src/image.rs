@@ -27,6 +27,12 @@ const PACKAGES: &[&str] = &[
 const USER_HOOK: &str = "chroot \"$1\" sh -c 'groupadd -g 1000 user && useradd -m -u 1000 -g 1000 -s /bin/bash user \
      && echo \"user ALL=(ALL) NOPASSWD:ALL\" > /etc/sudoers.d/devbox-user && chmod 0440 /etc/sudoers.d/devbox-user'";
 
+/// Bumped whenever the recipe changes, so stale images are rebuilt rather than reused.
+const RECIPE_VERSION: &str = "2";
+/// Debian's /etc/profile forks `id -u` on every login shell; bash knows $EUID already. This
+/// halves the cost of `bash -lc`, which every execution pays (dash still falls back to id).
+const PROFILE_HOOK: &str = "sed -i 's/$(id -u)/${EUID:-$(id -u)}/' \"$1/etc/profile\"";
+
 #[derive(Debug, Clone)]
 pub struct ImageStore {
     dir: PathBuf,
@@ -41,8 +47,14 @@ impl ImageStore {
         &self.dir
     }
 
+    /// Each recipe version has its own directory: a rebuild never changes the lower layer
+    /// under a running box (overlayfs forbids that).
+    fn image_dir(&self, name: &str) -> PathBuf {
+        self.dir.join(format!("{name}.v{RECIPE_VERSION}"))
+    }
+
     pub fn is_built(&self, name: &str) -> bool {
-        self.dir.join(name).join(".complete").exists()
+        std::fs::read_to_string(self.image_dir(name).join(".complete")).is_ok_and(|v| v.trim() == RECIPE_VERSION)
     }
 
     /// The read-only root filesystem of a built image.
@@ -50,7 +62,7 @@ impl ImageStore {
         if !self.is_built(name) {
             return Err(RuntimeError::ImageMissing(name.to_string()));
         }
-        Ok(self.dir.join(name).join("rootfs"))
+        Ok(self.image_dir(name).join("rootfs"))
     }
 
     /// Build the default image unless it exists. `progress` receives one line per step.
@@ -64,7 +76,7 @@ impl ImageStore {
                 "mmdebstrap is not installed: run `apt-get install -y mmdebstrap` (or ./devbox up, which does)".into(),
             ));
         }
-        let final_dir = self.dir.join(DEFAULT_IMAGE);
+        let final_dir = self.image_dir(DEFAULT_IMAGE);
         let tmp = self.dir.join(format!(".{DEFAULT_IMAGE}.building-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&tmp);
         std::fs::create_dir_all(&tmp).map_err(|e| RuntimeError::io(format!("create {}", tmp.display()), e))?;
@@ -74,6 +86,7 @@ impl ImageStore {
             .arg("--variant=minbase")
             .arg(format!("--include={}", PACKAGES.join(",")))
             .arg(format!("--customize-hook={USER_HOOK}"))
+            .arg(format!("--customize-hook={PROFILE_HOOK}"))
             .arg("--customize-hook=rm -rf \"$1\"/var/lib/apt/lists/* \"$1\"/var/cache/apt/*.bin")
             .arg(SUITE)
             .arg(tmp.join("rootfs"))
@@ -100,7 +113,8 @@ impl ImageStore {
                 tail.join("\n")
             )));
         }
-        std::fs::write(tmp.join(".complete"), b"").map_err(|e| RuntimeError::io("mark image complete", e))?;
+        std::fs::write(tmp.join(".complete"), RECIPE_VERSION)
+            .map_err(|e| RuntimeError::io("mark image complete", e))?;
         let _ = std::fs::remove_dir_all(&final_dir);
         std::fs::rename(&tmp, &final_dir).map_err(|e| RuntimeError::io("move image into place", e))?;
         progress("image ready");

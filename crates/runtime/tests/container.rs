@@ -165,3 +165,25 @@ async fn freeze_thaw_and_reattach() {
     assert!(matches!(rt.attach("rt-frz", &l.state).await, Err(devbox_runtime::RuntimeError::Gone)));
     let _ = std::fs::remove_dir_all(data);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_creates_all_boot() {
+    let (rt, data) = runtime("conc");
+    let rt = std::sync::Arc::new(rt);
+    let mut tasks = vec![];
+    for i in 0..12 {
+        let rt = rt.clone();
+        tasks.push(tokio::spawn(async move {
+            let id = format!("rt-conc-{i}");
+            let l = rt.create(&spec(&id, LIMITS)).await.expect("create");
+            let o = run(&l.agent, "hostname").await;
+            assert_eq!(o.stdout, format!("{id}\n"));
+            (id, l.state)
+        }));
+    }
+    for t in tasks {
+        let (id, state) = t.await.unwrap();
+        rt.destroy(&id, &state).await.unwrap();
+    }
+    let _ = std::fs::remove_dir_all(data);
+}
