@@ -464,6 +464,20 @@ impl Manager {
         entry.agent().ok_or_else(|| CoreError::Conflict("devbox has no agent connection".into()))
     }
 
+    /// The agent of a running box and the box's user, for features that talk to the agent
+    /// directly (interactive terminals).
+    pub fn agent_for(
+        &self,
+        tenant: &str,
+        id: &str,
+    ) -> Result<(AgentClient, devbox_protocol::UserSpec, Vec<(String, String)>)> {
+        let entry = self.entry(tenant, id)?;
+        let agent = self.running_agent(&entry)?;
+        let r = entry.rec.lock().unwrap();
+        let env = r.environment_variables.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+        Ok((agent, r.user.spec(), env))
+    }
+
     // ---- executions -----------------------------------------------------------------------
 
     pub fn exec(self: &Arc<Self>, tenant: &str, id: &str, p: ExecParams) -> Result<Arc<Execution>> {
