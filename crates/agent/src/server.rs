@@ -3,7 +3,7 @@
 use crate::exec::Procs;
 use bytes::Bytes;
 use devbox_protocol::{
-    paths, AgentError, BodyError, ChannelBody, ErrorKind, ExecRequest, FileQuery, Frame, FrameKind, Hello,
+    paths, AgentError, AttachQuery, BodyError, ChannelBody, ErrorKind, ExecRequest, FileQuery, Frame, FrameKind, Hello,
     SetupRequest, SignalRequest, StdinQuery, PROTOCOL_VERSION,
 };
 use http_body_util::combinators::BoxBody;
@@ -107,7 +107,7 @@ async fn route(req: Request<Incoming>, procs: Procs) -> Response<Body> {
             Ok(q) => crate::files::write(&q, req.into_body()).await.map(|n| json(&serde_json::json!({ "bytes": n }))),
             Err(e) => Err(e),
         },
-        (Method::POST, p) if p.starts_with("/v1/exec/") => exec_action(req, procs).await,
+        (_, p) if p.starts_with("/v1/exec/") => exec_action(req, procs).await,
         _ => Err(AgentError { kind: ErrorKind::NotFound, message: format!("no route {path}") }),
     };
     result.unwrap_or_else(error)
@@ -116,11 +116,13 @@ async fn route(req: Request<Incoming>, procs: Procs) -> Response<Body> {
 async fn exec(req: Request<Incoming>, procs: Procs) -> Result<Response<Body>, AgentError> {
     let er: ExecRequest = body_json(req).await?;
     let (tx, body) = ChannelBody::new(64);
-    if let Err(e) = procs.spawn(er, tx.clone()) {
+    match procs.spawn(er) {
+        Ok(id) => procs.attach(&id, 0, 0, tx)?,
         // Reported in-band so the host handles every exec outcome on one path.
-        let _ = tx.send(Ok(Frame::json(FrameKind::Error, &e).encode())).await;
+        Err(e) => {
+            let _ = tx.send(Ok(Frame::json(FrameKind::Error, &e).encode())).await;
+        }
     }
-    drop(tx);
     Ok(Response::builder()
         .header("content-type", "application/vnd.devbox.frames")
         .body(body.boxed())
@@ -130,20 +132,30 @@ async fn exec(req: Request<Incoming>, procs: Procs) -> Result<Response<Body>, Ag
 async fn exec_action(req: Request<Incoming>, procs: Procs) -> Result<Response<Body>, AgentError> {
     let path = req.uri().path().to_string();
     let mut parts = path.trim_start_matches("/v1/exec/").splitn(2, '/');
-    let (id, action) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
-    match action {
-        "signal" => {
-            let s: SignalRequest = body_json(req).await?;
-            procs.signal(id, s.signal, s.group)?;
+    let (id, action) = (parts.next().unwrap_or("").to_string(), parts.next().unwrap_or(""));
+    match (req.method().clone(), action) {
+        (Method::GET, "attach") => {
+            let q: AttachQuery = query(&req)?;
+            let (tx, body) = ChannelBody::new(64);
+            procs.attach(&id, q.stdout, q.stderr, tx)?;
+            return Ok(Response::builder()
+                .header("content-type", "application/vnd.devbox.frames")
+                .body(body.boxed())
+                .expect("valid response"));
         }
-        "stdin" => {
+        (Method::POST, "release") => procs.release(&id)?,
+        (Method::POST, "signal") => {
+            let s: SignalRequest = body_json(req).await?;
+            procs.signal(&id, s.signal, s.group)?;
+        }
+        (Method::POST, "stdin") => {
             let q: StdinQuery = query(&req)?;
             let data = Limited::new(req.into_body(), 16 << 20)
                 .collect()
                 .await
                 .map_err(|e| bad(format!("read stdin body: {e}")))?
                 .to_bytes();
-            procs.write_stdin(id, data, q.close).await?;
+            procs.write_stdin(&id, data, q.close).await?;
         }
         _ => return Err(AgentError { kind: ErrorKind::NotFound, message: format!("no route {path}") }),
     }

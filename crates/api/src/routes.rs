@@ -37,6 +37,7 @@ pub fn v1() -> Router<AppState> {
         .route("/v1/devboxes/{id}/resume", post(resume))
         .route("/v1/devboxes/{id}/keep_alive", post(keep_alive))
         .route("/v1/devboxes/{id}/usage", get(usage))
+        .route("/v1/devboxes/{id}/logs", get(logs))
         .route("/v1/devboxes/{id}/execute_sync", post(execute_sync))
         .route("/v1/devboxes/{id}/execute_async", post(execute_async))
         .route("/v1/devboxes/{id}/execute", post(execute))
@@ -197,6 +198,27 @@ async fn usage(State(st): State<AppState>, Extension(t): Extension<Tenant>, Path
         "disk_gb_seconds": 0,
         "oom_kills": u.oom_kills,
     }))
+}
+
+#[derive(Deserialize)]
+struct LogsQuery {
+    execution_id: Option<String>,
+    shell_name: Option<String>,
+}
+
+async fn logs(
+    State(st): State<AppState>,
+    Extension(t): Extension<Tenant>,
+    Path(id): Path<String>,
+    Query(q): Query<LogsQuery>,
+) -> R {
+    let logs = st.manager.logs(
+        &t.0,
+        &id,
+        q.execution_id.as_deref().filter(|s| !s.is_empty()),
+        q.shell_name.as_deref().filter(|s| !s.is_empty()),
+    )?;
+    ok(json!({ "logs": logs }))
 }
 
 // ---- executions -------------------------------------------------------------------------------

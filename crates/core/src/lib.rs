@@ -10,7 +10,7 @@ mod output;
 mod store;
 
 pub use error::CoreError;
-pub use exec::{ExecStatus, ExecView, Execution};
+pub use exec::{ExecRecord, ExecStatus, ExecView, Execution};
 pub use ids::tenant_of_key;
 pub use manager::{ExecParams, Manager, ManagerConfig, Page, CREATE_HOLD};
 pub use model::*;

@@ -1,12 +1,12 @@
 //! The devbox manager: owns every box's state machine, its executions and its agent connection.
 
-use crate::exec::{ExecStatus, Execution};
+use crate::exec::{ExecRecord, ExecStatus, Execution};
 use crate::ids::new_id;
-use crate::model::{BoxUser, CreateDevbox, Devbox, Status};
+use crate::model::{BoxUser, CreateDevbox, Devbox, LogEntry, Status};
 use crate::store::Store;
 use crate::{now_ms, CoreError, Result};
 use bytes::Bytes;
-use devbox_protocol::{ExecRequest, Exit, FrameKind, SetupRequest, Started};
+use devbox_protocol::{ExecRequest, Exit, FrameKind, SetupRequest, Skipped};
 use devbox_runtime::{AgentClient, BoxSpec, ByteStream, Runtime, Usage};
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex, RwLock};
@@ -20,7 +20,13 @@ pub const CREATE_HOLD: Duration = Duration::from_secs(25);
 #[derive(Debug, Clone)]
 pub struct ManagerConfig {
     pub image: String,
+    /// Where execution output is kept (`DIR/execs/<devbox>/<exec>.stdout`); None keeps it in
+    /// memory only.
+    pub data_dir: Option<std::path::PathBuf>,
 }
+
+/// Log entries kept and returned per devbox.
+const LOG_LIMIT: usize = 10_000;
 
 struct BoxEntry {
     rec: Mutex<Devbox>,
@@ -28,6 +34,8 @@ struct BoxEntry {
     agent: Mutex<Option<AgentClient>>,
     execs: Mutex<HashMap<String, Arc<Execution>>>,
     command_ids: Mutex<HashMap<String, String>>,
+    /// Named shells: commands of one shell run one after another.
+    shells: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     /// Serializes lifecycle transitions (boot, shutdown, suspend, resume) of this box.
     lifecycle: tokio::sync::Mutex<()>,
 }
@@ -91,6 +99,7 @@ impl Manager {
                 agent: Mutex::new(None),
                 execs: Mutex::new(HashMap::new()),
                 command_ids: Mutex::new(HashMap::new()),
+                shells: Mutex::new(HashMap::new()),
                 lifecycle: tokio::sync::Mutex::new(()),
             });
             if let Some(rid) = &rec.request_id {
@@ -100,11 +109,14 @@ impl Manager {
             if !rec.status.is_terminal() {
                 m.recover(&entry).await;
             }
+            if !entry.status().is_terminal() {
+                m.reload_executions(&entry);
+            }
         }
         Ok(m)
     }
 
-    async fn recover(&self, entry: &Arc<BoxEntry>) {
+    async fn recover(self: &Arc<Self>, entry: &Arc<BoxEntry>) {
         let rec = entry.snapshot();
         let attached = match rec.status {
             Status::Running | Status::Suspended | Status::Suspending | Status::Resuming => {
@@ -247,6 +259,7 @@ impl Manager {
             agent: Mutex::new(None),
             execs: Mutex::new(HashMap::new()),
             command_ids: Mutex::new(HashMap::new()),
+            shells: Mutex::new(HashMap::new()),
             lifecycle: tokio::sync::Mutex::new(()),
         });
         self.boxes.write().unwrap().insert(id.clone(), entry.clone());
@@ -284,8 +297,9 @@ impl Manager {
             return;
         }
         for (i, cmd) in rec.launch_parameters.launch_commands.iter().flatten().enumerate() {
-            let exec = Arc::new(Execution::new(new_id("exe"), rec.id.clone(), cmd.clone(), None, false));
-            self.run_exec(&entry, &launched.agent, exec.clone()).await;
+            let exec = Arc::new(Execution::new(&self.new_exec_record(&rec.id, cmd, None, false, None), None));
+            self.log(&rec.id, "setup_commands", "info", None, Some(&exec), None);
+            self.run_exec(&entry, &launched.agent, exec.clone(), "setup_commands", true).await;
             let status = exec.exit_status().unwrap_or(-1);
             if status != 0 {
                 let tail = exec.stderr.last_lines(5).text;
@@ -394,6 +408,10 @@ impl Manager {
         }
         entry.rec.lock().unwrap().shutdown_reason = Some(reason.to_string());
         self.transition(&entry, Status::Shutdown, None);
+        // Output stays readable through the open files until this process exits.
+        if let Some(dir) = self.exec_dir(id) {
+            let _ = std::fs::remove_dir_all(dir);
+        }
         Ok(entry.snapshot())
     }
 
@@ -480,6 +498,89 @@ impl Manager {
 
     // ---- executions -----------------------------------------------------------------------
 
+    fn exec_dir(&self, devbox_id: &str) -> Option<std::path::PathBuf> {
+        self.cfg.data_dir.as_ref().map(|d| d.join("execs").join(devbox_id))
+    }
+
+    fn new_exec_record(
+        &self,
+        devbox_id: &str,
+        command: &str,
+        shell_name: Option<String>,
+        attach_stdin: bool,
+        command_id: Option<String>,
+    ) -> ExecRecord {
+        ExecRecord {
+            id: new_id("exe"),
+            devbox_id: devbox_id.to_string(),
+            command: command.to_string(),
+            shell_name,
+            attach_stdin,
+            command_id,
+            status: ExecStatus::Queued,
+            exit_status: None,
+            create_time_ms: now_ms(),
+            end_time_ms: None,
+            skipped: [0, 0],
+        }
+    }
+
+    fn log(
+        &self,
+        devbox_id: &str,
+        source: &str,
+        level: &str,
+        message: Option<String>,
+        exec: Option<&Execution>,
+        exit_code: Option<i32>,
+    ) {
+        let entry = LogEntry {
+            level: level.to_string(),
+            source: source.to_string(),
+            timestamp_ms: now_ms(),
+            message,
+            cmd: exec.map(|e| e.command.clone()),
+            cmd_id: exec.map(|e| e.id.clone()),
+            exit_code,
+            shell_name: exec.and_then(|e| e.shell_name.clone()),
+        };
+        if let Err(e) = self.store.add_log(devbox_id, &entry) {
+            tracing::warn!(%devbox_id, error = %e, "could not store log entry");
+        }
+    }
+
+    /// Executions of a box from the store (after a restart); unfinished ones are reattached.
+    fn reload_executions(self: &Arc<Self>, entry: &Arc<BoxEntry>) {
+        let id = entry.rec.lock().unwrap().id.clone();
+        let recs = match self.store.executions_of(&id) {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::error!(%id, error = %e, "could not load executions");
+                return;
+            }
+        };
+        let dir = self.exec_dir(&id);
+        for rec in recs {
+            let exec = Arc::new(Execution::new(&rec, dir.as_deref()));
+            entry.execs.lock().unwrap().insert(exec.id.clone(), exec.clone());
+            if let Some(cid) = &rec.command_id {
+                entry.command_ids.lock().unwrap().insert(cid.clone(), exec.id.clone());
+            }
+            if rec.status != ExecStatus::Completed {
+                match entry.agent() {
+                    Some(agent) => {
+                        let (me, e2) = (self.clone(), entry.clone());
+                        tokio::spawn(async move { me.run_exec(&e2, &agent, exec, "exec", false).await });
+                    }
+                    None => {
+                        exec.stderr.push(b"devboxd: the box was lost while the server was down\n");
+                        self.finish_exec(&id, &exec, 137, None, "exec");
+                    }
+                }
+            }
+        }
+    }
+
     pub fn exec(self: &Arc<Self>, tenant: &str, id: &str, p: ExecParams) -> Result<Arc<Execution>> {
         let entry = self.entry(tenant, id)?;
         if let Some(cid) = &p.command_id {
@@ -490,74 +591,172 @@ impl Manager {
                 }
             }
         }
-        if p.shell_name.is_some() {
-            return Err(CoreError::BadRequest("named shells (shell_name) are not supported yet".into()));
+        if let Some(name) = &p.shell_name {
+            if name.len() > 64 || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-' || c == '.') {
+                return Err(CoreError::BadRequest("shell_name must be 1-64 letters, digits, '.', '_' or '-'".into()));
+            }
         }
         let agent = self.running_agent(&entry)?;
-        let exec =
-            Arc::new(Execution::new(new_id("exe"), id.to_string(), p.command.clone(), p.shell_name, p.attach_stdin));
+        let rec = self.new_exec_record(id, &p.command, p.shell_name.clone(), p.attach_stdin, p.command_id.clone());
+        self.store.put_execution(&rec)?;
+        let dir = self.exec_dir(id);
+        if let Some(d) = &dir {
+            std::fs::create_dir_all(d).map_err(|e| CoreError::BadRequest(format!("cannot create output dir: {e}")))?;
+        }
+        let exec = Arc::new(Execution::new(&rec, dir.as_deref()));
         entry.execs.lock().unwrap().insert(exec.id.clone(), exec.clone());
         if let Some(cid) = p.command_id {
             entry.command_ids.lock().unwrap().insert(cid, exec.id.clone());
         }
+        self.log(id, "exec", "info", None, Some(&exec), None);
+        let shell = p.shell_name.map(|n| entry.shells.lock().unwrap().entry(n).or_default().clone());
         let (me, e2, x2) = (self.clone(), entry.clone(), exec.clone());
-        tokio::spawn(async move { me.run_exec(&e2, &agent, x2).await });
+        tokio::spawn(async move {
+            // Commands of one named shell run one after another, in submission order.
+            let _turn = match shell {
+                Some(lock) => Some(lock.lock_owned().await),
+                None => None,
+            };
+            me.run_exec(&e2, &agent, x2, "exec", true).await
+        });
         Ok(exec)
     }
 
-    async fn run_exec(&self, entry: &BoxEntry, agent: &AgentClient, exec: Arc<Execution>) {
-        let req = {
-            let r = entry.rec.lock().unwrap();
-            ExecRequest {
-                command: exec.command.clone(),
-                argv: vec![],
-                shell: true,
-                user: r.user.spec(),
-                env: r.environment_variables.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
-                cwd: None,
-                stdin: exec.attach_stdin,
-            }
-        };
-        let mut stream = match agent.exec(&req).await {
-            Ok(s) => s,
-            Err(e) => {
-                exec.stderr.push(format!("devboxd: could not start the command: {e}\n").as_bytes());
-                exec.complete(127);
-                return;
-            }
-        };
+    /// Drive one execution to completion: start it (or reattach if it already started),
+    /// store its output, survive a dropped agent connection, record the outcome.
+    async fn run_exec(&self, entry: &BoxEntry, agent: &AgentClient, exec: Arc<Execution>, source: &str, fresh: bool) {
+        let devbox_id = exec.devbox_id.clone();
+        let mut attempts = 0u32;
         loop {
-            match stream.next().await {
-                Ok(Some(f)) => match f.kind {
-                    FrameKind::Started => {
-                        if let Ok(s) = serde_json::from_slice::<Started>(&f.payload) {
-                            exec.set_running(s.exec_id);
+            let stream = if !fresh || attempts > 0 {
+                let (o, e) = exec.agent_offsets();
+                agent.attach(&exec.id, o, e).await
+            } else {
+                Err(devbox_runtime::RuntimeError::Gone)
+            };
+            let stream = match stream {
+                Ok(s) => Ok(s),
+                // Never started (or the agent never heard of it): start it now.
+                Err(devbox_runtime::RuntimeError::Gone) | Err(devbox_runtime::RuntimeError::Agent(_))
+                    if !exec.started() =>
+                {
+                    let req = {
+                        let r = entry.rec.lock().unwrap();
+                        let command = match &exec.shell_name {
+                            Some(name) => shell_wrap(name, &exec.command),
+                            None => exec.command.clone(),
+                        };
+                        ExecRequest {
+                            command,
+                            argv: vec![],
+                            shell: true,
+                            user: r.user.spec(),
+                            env: r.environment_variables.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+                            cwd: None,
+                            stdin: exec.attach_stdin,
+                            id: Some(exec.id.clone()),
                         }
+                    };
+                    agent.exec(&req).await
+                }
+                Err(e) => Err(e),
+            };
+            let mut stream = match stream {
+                Ok(s) => s,
+                Err(e) => {
+                    if entry.status() != Status::Shutdown && attempts < 3 && exec.started() {
+                        attempts += 1;
+                        tokio::time::sleep(Duration::from_millis(100 * attempts as u64)).await;
+                        continue;
                     }
-                    FrameKind::Stdout => exec.stdout.push(&f.payload),
-                    FrameKind::Stderr => exec.stderr.push(&f.payload),
-                    FrameKind::Exit => {
-                        let status = serde_json::from_slice::<Exit>(&f.payload).map(|e| e.status()).unwrap_or(-1);
-                        exec.complete(status);
-                        return;
-                    }
-                    FrameKind::Error => {
-                        let msg = serde_json::from_slice::<devbox_protocol::AgentError>(&f.payload)
-                            .map(|e| e.message)
-                            .unwrap_or_else(|_| "unknown error".into());
-                        exec.stderr.push(format!("devboxd: could not start the command: {msg}\n").as_bytes());
-                        exec.complete(127);
-                        return;
-                    }
-                },
-                Ok(None) | Err(_) => {
-                    // The agent went away (box shut down or killed).
-                    exec.stderr.push(b"devboxd: lost contact with the box while the command ran\n");
-                    exec.complete(137);
+                    exec.stderr.push(format!("devboxd: could not run the command: {e}\n").as_bytes());
+                    self.finish_exec(&devbox_id, &exec, 127, Some(agent), source);
                     return;
                 }
+            };
+            loop {
+                match stream.next().await {
+                    Ok(Some(f)) => match f.kind {
+                        FrameKind::Started => exec.set_running(),
+                        FrameKind::Stdout => exec.stdout.push(&f.payload),
+                        FrameKind::Stderr => exec.stderr.push(&f.payload),
+                        FrameKind::Skipped => {
+                            if let Ok(sk) = serde_json::from_slice::<Skipped>(&f.payload) {
+                                exec.add_skipped(sk.stream, sk.to.saturating_sub(sk.from));
+                                let _ = self.store.put_execution(&exec.record());
+                            }
+                        }
+                        FrameKind::Exit => {
+                            let status = serde_json::from_slice::<Exit>(&f.payload).map(|e| e.status()).unwrap_or(-1);
+                            self.finish_exec(&devbox_id, &exec, status, Some(agent), source);
+                            return;
+                        }
+                        FrameKind::Error => {
+                            let msg = serde_json::from_slice::<devbox_protocol::AgentError>(&f.payload)
+                                .map(|e| e.message)
+                                .unwrap_or_else(|_| "unknown error".into());
+                            exec.stderr.push(format!("devboxd: could not start the command: {msg}\n").as_bytes());
+                            self.finish_exec(&devbox_id, &exec, 127, Some(agent), source);
+                            return;
+                        }
+                    },
+                    Ok(None) | Err(_) => break,
+                }
+            }
+            // The stream broke before the exit frame: the box died, or only the connection did.
+            if exec.status() == ExecStatus::Completed {
+                return;
+            }
+            if entry.status().is_terminal() || attempts >= 5 {
+                exec.stderr.push(b"devboxd: lost contact with the box while the command ran\n");
+                self.finish_exec(&devbox_id, &exec, 137, None, source);
+                return;
+            }
+            attempts += 1;
+            tokio::time::sleep(Duration::from_millis(50 * attempts as u64)).await;
+        }
+    }
+
+    fn finish_exec(
+        &self,
+        devbox_id: &str,
+        exec: &Arc<Execution>,
+        status: i32,
+        agent: Option<&AgentClient>,
+        source: &str,
+    ) {
+        if !exec.complete(status) {
+            return;
+        }
+        if exec.stdout.disk_len().is_some() || source == "exec" {
+            if let Err(e) = self.store.put_execution(&exec.record()) {
+                tracing::error!(id = %exec.id, error = %e, "could not store execution outcome");
             }
         }
+        let level = if status == 0 { "info" } else { "error" };
+        self.log(devbox_id, source, level, None, Some(exec), Some(status));
+        if let Some(agent) = agent.cloned() {
+            let id = exec.id.clone();
+            tokio::spawn(async move {
+                let _ = agent.release(&id).await;
+            });
+        }
+    }
+
+    pub fn logs(
+        &self,
+        tenant: &str,
+        id: &str,
+        execution_id: Option<&str>,
+        shell_name: Option<&str>,
+    ) -> Result<Vec<LogEntry>> {
+        self.entry(tenant, id)?;
+        let all = self.store.logs_of(id, LOG_LIMIT)?;
+        Ok(all
+            .into_iter()
+            .filter(|e| execution_id.is_none_or(|x| e.cmd_id.as_deref() == Some(x)))
+            .filter(|e| shell_name.is_none_or(|s| e.shell_name.as_deref() == Some(s)))
+            .collect())
     }
 
     pub fn execution(&self, tenant: &str, id: &str, exec_id: &str) -> Result<Arc<Execution>> {
@@ -573,8 +772,8 @@ impl Manager {
             return Ok(exec);
         }
         let entry = self.entry(tenant, id)?;
-        if let (Some(agent), Some(aid)) = (entry.agent(), exec.agent_exec_id()) {
-            if let Err(e) = agent.signal(&aid, libc_sigkill(), group).await {
+        if let Some(agent) = entry.agent() {
+            if let Err(e) = agent.signal(&exec.id, libc_sigkill(), group).await {
                 tracing::debug!(%exec_id, error = %e, "kill: process already gone");
             }
         }
@@ -596,7 +795,10 @@ impl Manager {
         }
         let entry = self.entry(tenant, id)?;
         let agent = self.running_agent(&entry)?;
-        let aid = exec.agent_exec_id().ok_or_else(|| CoreError::Conflict("execution has not started yet".into()))?;
+        if !exec.started() {
+            return Err(CoreError::Conflict("execution has not started yet: retry in a moment".into()));
+        }
+        let aid = exec.id.clone();
         match signal {
             Some("EOF") => agent.stdin(&aid, Bytes::new(), true).await.map_err(CoreError::from_runtime),
             Some("INTERRUPT") => agent.signal(&aid, 2, true).await.map_err(CoreError::from_runtime),
@@ -636,10 +838,27 @@ impl Manager {
         let agent = self.running_agent(&entry)?;
         let p = self.resolve(&entry, path)?;
         let spec = entry.rec.lock().unwrap().user.spec();
-        agent.write_file(&p, spec.uid, spec.gid, data).await.map_err(CoreError::from_runtime)
+        let n = agent.write_file(&p, spec.uid, spec.gid, data).await.map_err(CoreError::from_runtime)?;
+        self.log(id, "files", "info", Some(format!("wrote {n} bytes to {p}")), None, None);
+        Ok(n)
     }
 }
 
 fn libc_sigkill() -> i32 {
     9
+}
+
+/// A named shell is a state directory in the user's home: each command starts from the saved
+/// working directory and exported environment and saves them on exit (even on `exit N`).
+/// Functions, aliases and unexported variables do not persist.
+fn shell_wrap(name: &str, command: &str) -> String {
+    format!(
+        r#"__dbx_d="$HOME/.local/state/devbox/shells/{name}"; mkdir -p "$__dbx_d"
+[ -f "$__dbx_d/env" ] && . "$__dbx_d/env"
+[ -f "$__dbx_d/cwd" ] && {{ cd "$(cat "$__dbx_d/cwd")" 2>/dev/null || true; }}
+__dbx_save() {{ __dbx_rc=$?; export -p | grep -v -E '^declare -x (PWD|OLDPWD|SHLVL|_|__dbx_[a-z]+)=' > "$__dbx_d/env.tmp" && mv -f "$__dbx_d/env.tmp" "$__dbx_d/env"; pwd > "$__dbx_d/cwd"; exit $__dbx_rc; }}
+trap __dbx_save EXIT
+{command}
+"#
+    )
 }

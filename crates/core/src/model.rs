@@ -262,6 +262,26 @@ impl Devbox {
     }
 }
 
+/// One entry of `GET /v1/devboxes/{id}/logs`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct LogEntry {
+    /// `info` or `error`.
+    pub level: String,
+    /// `setup_commands`, `entrypoint`, `exec` or `files`.
+    pub source: String,
+    pub timestamp_ms: i64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cmd: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cmd_id: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub exit_code: Option<i32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub shell_name: Option<String>,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -1,16 +1,23 @@
-//! Output of one stream of one execution: bytes with absolute offsets, bounded in memory, with
-//! a change signal for streaming readers.
+//! Output of one stream of one execution. Every byte goes to a file in the data dir (created on
+//! the first byte), so output survives a server restart and is bounded by disk, not memory;
+//! the last [`OUTPUT_MEMORY_CAP`] bytes also stay in memory for `last_n` and live readers.
+//! Offsets are positions in what the host received.
 
+use std::fs::File;
+use std::io::Write;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use tokio::sync::watch;
 
-/// Bytes kept per stream. Beyond this the oldest half is dropped and counted as truncated
-/// (readers asking for dropped offsets resume at the oldest kept byte).
-pub const OUTPUT_MEMORY_CAP: usize = 64 << 20;
+/// Tail kept in memory per stream.
+pub const OUTPUT_MEMORY_CAP: usize = 4 << 20;
+/// Bytes kept on disk per stream; beyond it output is dropped and reported truncated.
+pub const OUTPUT_DISK_CAP: u64 = 1 << 30;
 
 pub struct OutputBuf {
     inner: Mutex<Inner>,
-    /// Total bytes ever written, and whether the stream is finished.
+    /// Total bytes received, and whether the stream is finished.
     tick: watch::Sender<(u64, bool)>,
 }
 
@@ -19,6 +26,12 @@ struct Inner {
     base: u64,
     data: Vec<u8>,
     cap: usize,
+    path: Option<PathBuf>,
+    file: Option<File>,
+    /// Bytes in the file (== total unless the disk cap was hit).
+    file_len: u64,
+    /// Some output never reached us (agent buffer overflow, disk cap).
+    lossy: bool,
 }
 
 /// A view of the output for an API answer.
@@ -36,11 +49,68 @@ impl Default for OutputBuf {
 
 impl OutputBuf {
     pub fn with_cap(cap: usize) -> Self {
-        OutputBuf { inner: Mutex::new(Inner { base: 0, data: Vec::new(), cap }), tick: watch::channel((0, false)).0 }
+        OutputBuf {
+            inner: Mutex::new(Inner {
+                base: 0,
+                data: Vec::new(),
+                cap,
+                path: None,
+                file: None,
+                file_len: 0,
+                lossy: false,
+            }),
+            tick: watch::channel((0, false)).0,
+        }
+    }
+
+    /// Output backed by `path`; existing content (after a restart) is loaded.
+    pub fn at(path: &Path) -> Self {
+        let b = Self::default();
+        {
+            let mut g = b.inner.lock().unwrap();
+            g.path = Some(path.to_path_buf());
+            if let Ok(f) = std::fs::OpenOptions::new().read(true).append(true).open(path) {
+                let len = f.metadata().map(|m| m.len()).unwrap_or(0);
+                let keep = len.min(g.cap as u64);
+                let mut tail = vec![0u8; keep as usize];
+                if f.read_exact_at(&mut tail, len - keep).is_ok() {
+                    g.base = len - keep;
+                    g.data = tail;
+                } else {
+                    g.base = len;
+                }
+                g.file_len = len;
+                g.file = Some(f);
+            }
+            let total = g.base + g.data.len() as u64;
+            drop(g);
+            b.tick.send_modify(|t| t.0 = total);
+        }
+        b
     }
 
     pub fn push(&self, bytes: &[u8]) {
         let mut g = self.inner.lock().unwrap();
+        if g.file.is_none() {
+            if let Some(p) = g.path.clone() {
+                match std::fs::OpenOptions::new().create(true).read(true).append(true).open(&p) {
+                    Ok(f) => g.file = Some(f),
+                    Err(e) => {
+                        tracing::warn!(path = %p.display(), error = %e, "cannot spill output to disk");
+                        g.path = None;
+                    }
+                }
+            }
+        }
+        let room = OUTPUT_DISK_CAP.saturating_sub(g.file_len) as usize;
+        if let Some(f) = g.file.as_mut() {
+            let n = bytes.len().min(room);
+            let _ = f.write_all(&bytes[..n]);
+            g.file_len += n as u64;
+            if n < bytes.len() {
+                g.lossy = true;
+            }
+        }
         g.data.extend_from_slice(bytes);
         if g.data.len() > g.cap {
             let drop = g.data.len() - g.cap / 2;
@@ -50,6 +120,11 @@ impl OutputBuf {
         let total = g.base + g.data.len() as u64;
         drop(g);
         self.tick.send_modify(|t| t.0 = total);
+    }
+
+    /// Mark that output was lost before it reached the host.
+    pub fn mark_lossy(&self) {
+        self.inner.lock().unwrap().lossy = true;
     }
 
     pub fn finish(&self) {
@@ -65,9 +140,18 @@ impl OutputBuf {
     }
 
     /// Bytes from `offset` on (at most `max`), and the offset they start at (later than
-    /// `offset` if that part was dropped).
+    /// `offset` only if that part is kept nowhere).
     pub fn read_from(&self, offset: u64, max: usize) -> (u64, Vec<u8>) {
         let g = self.inner.lock().unwrap();
+        if offset < g.base {
+            if let Some(f) = g.file.as_ref().filter(|_| offset < g.file_len) {
+                let n = ((g.file_len.min(g.base) - offset) as usize).min(max);
+                let mut buf = vec![0u8; n];
+                if f.read_exact_at(&mut buf, offset).is_ok() {
+                    return (offset, buf);
+                }
+            }
+        }
         let start = offset.max(g.base);
         let idx = (start - g.base) as usize;
         if idx >= g.data.len() {
@@ -77,10 +161,23 @@ impl OutputBuf {
         (start, g.data[idx..end].to_vec())
     }
 
-    /// Everything kept, as text.
+    /// The in-memory tail, as text (everything for outputs under the memory cap).
     pub fn all(&self) -> OutputSlice {
         let g = self.inner.lock().unwrap();
-        OutputSlice { text: String::from_utf8_lossy(&g.data).into_owned(), truncated: g.base > 0 }
+        OutputSlice { text: String::from_utf8_lossy(&g.data).into_owned(), truncated: g.base > 0 || g.lossy }
+    }
+
+    /// Bytes kept on disk (for reattaching after a restart).
+    pub fn disk_len(&self) -> Option<u64> {
+        let g = self.inner.lock().unwrap();
+        g.path.as_ref().map(|_| g.file_len)
+    }
+
+    /// Flush to disk.
+    pub fn sync(&self) {
+        if let Some(f) = self.inner.lock().unwrap().file.as_ref() {
+            let _ = f.sync_data();
+        }
     }
 
     /// The last `n` lines (a trailing newline does not start a new line).
@@ -106,7 +203,10 @@ impl OutputBuf {
                 }
             }
         }
-        OutputSlice { text: String::from_utf8_lossy(&data[start..]).into_owned(), truncated: start > 0 || g.base > 0 }
+        OutputSlice {
+            text: String::from_utf8_lossy(&data[start..]).into_owned(),
+            truncated: start > 0 || g.base > 0 || g.lossy,
+        }
     }
 }
 
@@ -127,7 +227,7 @@ mod tests {
     }
 
     #[test]
-    fn cap_drops_oldest_and_offsets_stay_absolute() {
+    fn memory_only_cap_drops_oldest_and_offsets_stay_absolute() {
         let b = OutputBuf::with_cap(8);
         b.push(b"0123456789");
         assert_eq!(b.total(), 10);
@@ -135,7 +235,25 @@ mod tests {
         assert_eq!(start, 6);
         assert_eq!(bytes, b"6789");
         assert!(b.all().truncated);
-        let (start, bytes) = b.read_from(8, 1);
-        assert_eq!((start, bytes.as_slice()), (8, &b"8"[..]));
+    }
+
+    #[test]
+    fn file_backed_output_keeps_everything_and_reloads() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("x.stdout");
+        let b = OutputBuf::at(&path);
+        assert!(!path.exists(), "file created lazily");
+        let big: Vec<u8> = (0..(OUTPUT_MEMORY_CAP * 2)).map(|i| (i % 251) as u8).collect();
+        b.push(&big);
+        let (start, bytes) = b.read_from(10, 100);
+        assert_eq!((start, bytes.as_slice()), (10, &big[10..110]));
+        assert_eq!(b.disk_len(), Some(big.len() as u64));
+        drop(b);
+        let again = OutputBuf::at(&path);
+        assert_eq!(again.total(), big.len() as u64);
+        let (start, bytes) = again.read_from(5, 5);
+        assert_eq!((start, bytes.as_slice()), (5, &big[5..10]));
+        again.push(b"more");
+        assert_eq!(again.read_from(big.len() as u64, 10).1, b"more");
     }
 }

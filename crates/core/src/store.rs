@@ -1,7 +1,8 @@
 //! Durable state in one embedded SQLite file. Records are JSON documents keyed by id with the
 //! few columns queries need; the schema version lives in `user_version`.
 
-use crate::model::Devbox;
+use crate::exec::ExecRecord;
+use crate::model::{Devbox, LogEntry};
 use crate::Result;
 use rusqlite::{params, Connection, OptionalExtension};
 use std::path::Path;
@@ -41,7 +42,19 @@ impl Store {
                  status TEXT NOT NULL,
                  record TEXT NOT NULL
              );
-             CREATE INDEX IF NOT EXISTS devboxes_tenant ON devboxes (tenant, seq);",
+             CREATE INDEX IF NOT EXISTS devboxes_tenant ON devboxes (tenant, seq);
+             CREATE TABLE IF NOT EXISTS executions (
+                 id TEXT PRIMARY KEY,
+                 devbox_id TEXT NOT NULL,
+                 record TEXT NOT NULL
+             );
+             CREATE INDEX IF NOT EXISTS executions_devbox ON executions (devbox_id);
+             CREATE TABLE IF NOT EXISTS logs (
+                 seq INTEGER PRIMARY KEY AUTOINCREMENT,
+                 devbox_id TEXT NOT NULL,
+                 entry TEXT NOT NULL
+             );
+             CREATE INDEX IF NOT EXISTS logs_devbox ON logs (devbox_id, seq);",
         )?;
         conn.pragma_update(None, "user_version", SCHEMA_VERSION)?;
         Ok(Store { conn: Mutex::new(conn) })
@@ -80,6 +93,54 @@ impl Store {
                 Err(e) => {
                     tracing::error!(%id, error = %e, "unreadable devbox record kept in the store")
                 }
+            }
+        }
+        Ok(out)
+    }
+
+    pub fn put_execution(&self, e: &ExecRecord) -> Result<()> {
+        let json = serde_json::to_string(e).expect("records serialize");
+        self.conn.lock().unwrap().execute(
+            "INSERT INTO executions (id, devbox_id, record) VALUES (?1, ?2, ?3)
+             ON CONFLICT(id) DO UPDATE SET record = excluded.record",
+            params![e.id, e.devbox_id, json],
+        )?;
+        Ok(())
+    }
+
+    pub fn executions_of(&self, devbox_id: &str) -> Result<Vec<ExecRecord>> {
+        let conn = self.conn.lock().unwrap();
+        let mut stmt = conn.prepare("SELECT record FROM executions WHERE devbox_id = ?1 ORDER BY rowid")?;
+        let rows = stmt.query_map(params![devbox_id], |r| r.get::<_, String>(0))?;
+        let mut out = vec![];
+        for row in rows {
+            if let Ok(e) = serde_json::from_str(&row?) {
+                out.push(e);
+            }
+        }
+        Ok(out)
+    }
+
+    pub fn add_log(&self, devbox_id: &str, e: &LogEntry) -> Result<()> {
+        let json = serde_json::to_string(e).expect("records serialize");
+        self.conn
+            .lock()
+            .unwrap()
+            .execute("INSERT INTO logs (devbox_id, entry) VALUES (?1, ?2)", params![devbox_id, json])?;
+        Ok(())
+    }
+
+    /// The newest `limit` log entries of a devbox, oldest first.
+    pub fn logs_of(&self, devbox_id: &str, limit: usize) -> Result<Vec<LogEntry>> {
+        let conn = self.conn.lock().unwrap();
+        let mut stmt = conn.prepare(
+            "SELECT entry FROM (SELECT seq, entry FROM logs WHERE devbox_id = ?1 ORDER BY seq DESC LIMIT ?2) ORDER BY seq",
+        )?;
+        let rows = stmt.query_map(params![devbox_id, limit as i64], |r| r.get::<_, String>(0))?;
+        let mut out = vec![];
+        for row in rows {
+            if let Ok(e) = serde_json::from_str(&row?) {
+                out.push(e);
             }
         }
         Ok(out)

@@ -147,9 +147,13 @@ async fn serve(a: ServeArgs) -> Result<(), String> {
     let runtime = ContainerRuntime::new(&data, images).map_err(|e| e.to_string())?;
     tracing::info!("{}", runtime.describe());
     let store = Store::open(&data.join("devboxd.db")).map_err(|e| format!("open store: {e}"))?;
-    let manager = Manager::start(ManagerConfig { image: DEFAULT_IMAGE.into() }, store, Arc::new(runtime))
-        .await
-        .map_err(|e| format!("load devboxes: {e}"))?;
+    let manager = Manager::start(
+        ManagerConfig { image: DEFAULT_IMAGE.into(), data_dir: Some(data.clone()) },
+        store,
+        Arc::new(runtime),
+    )
+    .await
+    .map_err(|e| format!("load devboxes: {e}"))?;
     let key_map: HashMap<String, String> = keys.iter().map(|k| (k.clone(), tenant_of_key(k))).collect();
     let app = devbox_api::router(devbox_api::AppState { manager, keys: Arc::new(key_map) });
     let listener = tokio::net::TcpListener::bind(a.listen).await.map_err(|e| format!("listen on {}: {e}", a.listen))?;

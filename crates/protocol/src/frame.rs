@@ -19,6 +19,8 @@ pub enum FrameKind {
     Exit = 3,
     /// JSON [`crate::AgentError`]; the process could not be started.
     Error = 4,
+    /// JSON [`crate::Skipped`]: a gap in one output stream.
+    Skipped = 5,
 }
 
 impl FrameKind {
@@ -29,6 +31,7 @@ impl FrameKind {
             2 => Self::Stderr,
             3 => Self::Exit,
             4 => Self::Error,
+            5 => Self::Skipped,
             _ => return None,
         })
     }

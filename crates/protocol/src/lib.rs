@@ -8,6 +8,7 @@ use serde::{Deserialize, Serialize};
 
 mod body;
 mod frame;
+pub mod pty;
 pub use body::{BodyError, ChannelBody};
 pub use frame::{Frame, FrameDecoder, FrameError, FrameKind, FRAME_HEADER_LEN, MAX_FRAME_PAYLOAD};
 
@@ -76,6 +77,29 @@ pub struct ExecRequest {
     /// Keep stdin open for `/v1/exec/{id}/stdin`; otherwise stdin is /dev/null.
     #[serde(default)]
     pub stdin: bool,
+    /// Host-chosen id (so the host knows it before the agent answers and can reattach after
+    /// a crash); the agent makes one up when absent. Letters, digits, `_` and `-` only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id: Option<String>,
+}
+
+/// Query of `GET /v1/exec/{id}/attach`: replay output from these byte offsets, then follow.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
+pub struct AttachQuery {
+    #[serde(default)]
+    pub stdout: u64,
+    #[serde(default)]
+    pub stderr: u64,
+}
+
+/// Payload of the `Skipped` frame: output between `from` and `to` of one stream was dropped
+/// by the agent's bounded buffer before the host could read it.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Skipped {
+    /// 1 stdout, 2 stderr.
+    pub stream: u8,
+    pub from: u64,
+    pub to: u64,
 }
 
 fn yes() -> bool {
@@ -156,6 +180,8 @@ pub enum ErrorKind {
     NoSpace,
     Io,
     Unsupported,
+    /// The resource is busy: a terminal session already has a client attached.
+    Conflict,
 }
 
 impl ErrorKind {
@@ -167,6 +193,7 @@ impl ErrorKind {
             ErrorKind::NoSpace => 507,
             ErrorKind::Io => 500,
             ErrorKind::Unsupported => 501,
+            ErrorKind::Conflict => 409,
         }
     }
 }
@@ -186,6 +213,7 @@ mod tests {
             env: vec![("A".into(), "b".into())],
             cwd: None,
             stdin: false,
+            id: None,
         };
         assert_eq!(
             serde_json::to_string(&req).unwrap(),

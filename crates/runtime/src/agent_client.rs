@@ -131,6 +131,20 @@ impl AgentClient {
         Ok(ExecStream { body: resp.into_body(), decoder: FrameDecoder::default(), done: false })
     }
 
+    /// Reattach to an execution: its output from the given offsets, then live, then its exit.
+    pub async fn attach(&self, exec_id: &str, stdout: u64, stderr: u64) -> Result<ExecStream> {
+        let uri = format!("{}?stdout={stdout}&stderr={stderr}", paths::exec_path(exec_id, "attach"));
+        let resp = self.send(Self::request(Method::GET, &uri, empty())).await?;
+        Ok(ExecStream { body: resp.into_body(), decoder: FrameDecoder::default(), done: false })
+    }
+
+    /// Tell the agent the host has stored everything of a completed execution.
+    pub async fn release(&self, exec_id: &str) -> Result<()> {
+        let _: serde_json::Value =
+            self.json(Self::request(Method::POST, &paths::exec_path(exec_id, "release"), empty())).await?;
+        Ok(())
+    }
+
     pub async fn signal(&self, exec_id: &str, signal: i32, group: bool) -> Result<()> {
         let body = json_body(&SignalRequest { signal, group });
         let _: serde_json::Value =

@@ -41,8 +41,16 @@ struct Out {
 }
 
 async fn run_as(agent: &AgentClient, user: UserSpec, cmd: &str) -> Out {
-    let req =
-        ExecRequest { command: cmd.into(), argv: vec![], shell: true, user, env: vec![], cwd: None, stdin: false };
+    let req = ExecRequest {
+        command: cmd.into(),
+        argv: vec![],
+        shell: true,
+        user,
+        env: vec![],
+        cwd: None,
+        stdin: false,
+        id: None,
+    };
     let mut s = agent.exec(&req).await.expect("exec");
     let (mut stdout, mut stderr, mut status) = (vec![], vec![], None);
     while let Some(f) = s.next().await.expect("frame") {
