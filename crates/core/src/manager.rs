@@ -73,6 +73,9 @@ pub struct ExecParams {
     pub command_id: Option<String>,
 }
 
+/// A running box's agent, its user and its environment.
+pub type AgentAccess = (AgentClient, devbox_protocol::UserSpec, Vec<(String, String)>);
+
 /// One page of a list.
 pub struct Page<T> {
     pub items: Vec<T>,
@@ -484,11 +487,7 @@ impl Manager {
 
     /// The agent of a running box and the box's user, for features that talk to the agent
     /// directly (interactive terminals).
-    pub fn agent_for(
-        &self,
-        tenant: &str,
-        id: &str,
-    ) -> Result<(AgentClient, devbox_protocol::UserSpec, Vec<(String, String)>)> {
+    pub fn agent_for(&self, tenant: &str, id: &str) -> Result<AgentAccess> {
         let entry = self.entry(tenant, id)?;
         let agent = self.running_agent(&entry)?;
         let r = entry.rec.lock().unwrap();
@@ -674,9 +673,9 @@ impl Manager {
                     return;
                 }
             };
-            loop {
-                match stream.next().await {
-                    Ok(Some(f)) => match f.kind {
+            while let Ok(Some(f)) = stream.next().await {
+                {
+                    match f.kind {
                         FrameKind::Started => exec.set_running(),
                         FrameKind::Stdout => exec.stdout.push(&f.payload),
                         FrameKind::Stderr => exec.stderr.push(&f.payload),
@@ -699,8 +698,7 @@ impl Manager {
                             self.finish_exec(&devbox_id, &exec, 127, Some(agent), source);
                             return;
                         }
-                    },
-                    Ok(None) | Err(_) => break,
+                    }
                 }
             }
             // The stream broke before the exit frame: the box died, or only the connection did.

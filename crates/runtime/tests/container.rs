@@ -62,7 +62,7 @@ async fn run_as(agent: &AgentClient, user: UserSpec, cmd: &str) -> Out {
                 status = Some(e.status());
             }
             FrameKind::Error => panic!("exec error: {}", String::from_utf8_lossy(&f.payload)),
-            FrameKind::Started => {}
+            FrameKind::Started | FrameKind::Skipped => {}
         }
     }
     Out {
