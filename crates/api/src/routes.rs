@@ -5,13 +5,16 @@ use crate::extract::{Json, Query};
 use crate::views;
 use crate::{AppState, Tenant};
 use axum::body::Body;
-use axum::extract::{Multipart, Path, State};
+use axum::extract::{Multipart, Path, RawQuery, State};
 use axum::http::{header, HeaderMap};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Extension, Router};
 use bytes::Bytes;
-use devbox_core::{CreateDevbox, ExecParams, ExecStatus, Execution, Status, CREATE_HOLD};
+use devbox_core::{
+    CreateDevbox, ExecParams, ExecStatus, Execution, MetadataFilter, SnapshotParams, SnapshotStatus, Status,
+    CREATE_HOLD,
+};
 use futures_util::StreamExt;
 use serde::Deserialize;
 use serde_json::{json, Value};
@@ -38,6 +41,12 @@ pub fn v1() -> Router<AppState> {
         .route("/v1/devboxes/{id}/keep_alive", post(keep_alive))
         .route("/v1/devboxes/{id}/usage", get(usage))
         .route("/v1/devboxes/{id}/logs", get(logs))
+        .route("/v1/devboxes/{id}/snapshot_disk", post(snapshot_disk))
+        .route("/v1/devboxes/{id}/snapshot_disk_async", post(snapshot_disk_async))
+        .route("/v1/devboxes/disk_snapshots", get(list_snapshots))
+        .route("/v1/devboxes/disk_snapshots/{sid}", post(update_snapshot))
+        .route("/v1/devboxes/disk_snapshots/{sid}/delete", post(delete_snapshot))
+        .route("/v1/devboxes/disk_snapshots/{sid}/status", get(snapshot_status))
         .route("/v1/devboxes/{id}/execute_sync", post(execute_sync))
         .route("/v1/devboxes/{id}/execute_async", post(execute_async))
         .route("/v1/devboxes/{id}/execute", post(execute))
@@ -164,8 +173,94 @@ async fn wait_for_status(
     }
 }
 
-async fn shutdown(State(st): State<AppState>, Extension(t): Extension<Tenant>, Path(id): Path<String>) -> R {
-    ok(views::devbox(&st.manager.shutdown(&t.0, &id, "api_shutdown").await?))
+#[derive(Deserialize)]
+struct ForceQuery {
+    force: Option<String>,
+}
+
+async fn shutdown(
+    State(st): State<AppState>,
+    Extension(t): Extension<Tenant>,
+    Path(id): Path<String>,
+    Query(q): Query<ForceQuery>,
+) -> R {
+    let force = matches!(q.force.as_deref(), Some("true") | Some("1"));
+    ok(views::devbox(&st.manager.shutdown(&t.0, &id, "api_shutdown", force).await?))
+}
+
+// ---- snapshots --------------------------------------------------------------------------------
+
+async fn snapshot_disk(
+    State(st): State<AppState>,
+    Extension(t): Extension<Tenant>,
+    Path(id): Path<String>,
+    Json(p): Json<SnapshotParams>,
+) -> R {
+    let s = st.manager.snapshot_disk(&t.0, &id, p, true).await?;
+    if s.status == SnapshotStatus::Error {
+        return Err(ApiError::Conflict(format!("snapshot {} failed: {}", s.id, s.error_message.unwrap_or_default())));
+    }
+    ok(views::snapshot(&s))
+}
+
+async fn snapshot_disk_async(
+    State(st): State<AppState>,
+    Extension(t): Extension<Tenant>,
+    Path(id): Path<String>,
+    Json(p): Json<SnapshotParams>,
+) -> R {
+    ok(views::snapshot(&st.manager.snapshot_disk(&t.0, &id, p, false).await?))
+}
+
+async fn snapshot_status(State(st): State<AppState>, Extension(t): Extension<Tenant>, Path(sid): Path<String>) -> R {
+    ok(views::snapshot_status(&st.manager.snapshot_status(&t.0, &sid)?))
+}
+
+async fn update_snapshot(
+    State(st): State<AppState>,
+    Extension(t): Extension<Tenant>,
+    Path(sid): Path<String>,
+    Json(p): Json<SnapshotParams>,
+) -> R {
+    ok(views::snapshot(&st.manager.update_snapshot(&t.0, &sid, p)?))
+}
+
+async fn delete_snapshot(State(st): State<AppState>, Extension(t): Extension<Tenant>, Path(sid): Path<String>) -> R {
+    st.manager.delete_snapshot(&t.0, &sid)?;
+    ok(json!({}))
+}
+
+/// Snapshot list: `devbox_id`, pagination, and `metadata[key]=value` / `metadata[key][in]=a,b`.
+async fn list_snapshots(State(st): State<AppState>, Extension(t): Extension<Tenant>, RawQuery(raw): RawQuery) -> R {
+    let pairs: Vec<(String, String)> = serde_urlencoded::from_str(raw.as_deref().unwrap_or(""))
+        .map_err(|e| ApiError::BadRequest(format!("invalid query string: {e}")))?;
+    let mut filter = MetadataFilter::default();
+    let (mut devbox_id, mut limit, mut after, mut with_total) = (None, 20usize, None, true);
+    for (k, v) in pairs {
+        match k.as_str() {
+            "devbox_id" if !v.is_empty() => devbox_id = Some(v),
+            "limit" => {
+                limit = v.parse().map_err(|_| ApiError::BadRequest(format!("limit must be a number, got {v:?}")))?
+            }
+            "starting_after" if !v.is_empty() => after = Some(v),
+            "include_total_count" => with_total = v != "false",
+            "source_blueprint_id" => {}
+            _ => {
+                if let Some(key) = k.strip_prefix("metadata[").and_then(|r| r.strip_suffix("][in]")) {
+                    filter.any_of.push((key.to_string(), v.split(',').map(String::from).collect()));
+                } else if let Some(key) = k.strip_prefix("metadata[").and_then(|r| r.strip_suffix(']')) {
+                    filter.equals.push((key.to_string(), v));
+                }
+            }
+        }
+    }
+    let page =
+        st.manager.list_snapshots(&t.0, devbox_id.as_deref(), &filter, limit.clamp(1, 5000), after.as_deref())?;
+    ok(json!({
+        "snapshots": page.items.iter().map(views::snapshot).collect::<Vec<_>>(),
+        "has_more": page.has_more,
+        "total_count": if with_total { json!(page.total_count) } else { Value::Null },
+    }))
 }
 
 async fn suspend(State(st): State<AppState>, Extension(t): Extension<Tenant>, Path(id): Path<String>) -> R {

@@ -1,6 +1,6 @@
 //! Response shapes of the Runloop API, rendered from core records.
 
-use devbox_core::{Devbox, ExecView};
+use devbox_core::{Devbox, ExecView, Snapshot, SnapshotStatus};
 use serde_json::{json, Value};
 
 pub fn devbox(d: &Devbox) -> Value {
@@ -17,7 +17,7 @@ pub fn devbox(d: &Devbox) -> Value {
         "shutdown_reason": d.shutdown_reason,
         "failure_reason": d.failure_reason,
         "blueprint_id": null,
-        "snapshot_id": null,
+        "snapshot_id": d.snapshot_id,
         "initiator_type": "api",
     });
     if let Some(detail) = &d.failure_detail {
@@ -41,4 +41,31 @@ pub fn execution(e: &ExecView) -> Value {
         v["shell_name"] = json!(s);
     }
     v
+}
+
+pub fn snapshot(s: &Snapshot) -> Value {
+    json!({
+        "id": s.id,
+        "create_time_ms": s.create_time_ms,
+        "metadata": s.metadata,
+        "source_devbox_id": s.source_devbox_id,
+        "name": s.name,
+        "commit_message": s.commit_message,
+        "size_bytes": s.size_bytes,
+        "source_blueprint_id": null,
+    })
+}
+
+pub fn snapshot_status(s: &Snapshot) -> Value {
+    let status = match s.status {
+        SnapshotStatus::InProgress => "in_progress",
+        SnapshotStatus::Complete => "complete",
+        SnapshotStatus::Error => "error",
+        SnapshotStatus::Deleted => "deleted",
+    };
+    json!({
+        "status": status,
+        "error_message": s.error_message,
+        "snapshot": if s.status == SnapshotStatus::Complete { snapshot(s) } else { Value::Null },
+    })
 }

@@ -12,7 +12,7 @@ mod store;
 pub use error::CoreError;
 pub use exec::{ExecRecord, ExecStatus, ExecView, Execution};
 pub use ids::tenant_of_key;
-pub use manager::{AgentAccess, ExecParams, Manager, ManagerConfig, Page, CREATE_HOLD};
+pub use manager::{AgentAccess, ExecParams, Manager, ManagerConfig, MetadataFilter, Page, CREATE_HOLD};
 pub use model::*;
 pub use output::{OutputBuf, OutputSlice, OUTPUT_MEMORY_CAP};
 pub use store::Store;

@@ -54,8 +54,12 @@ impl BoxEntry {
     }
 }
 
+mod snapshot;
+pub use snapshot::MetadataFilter;
+
 pub struct Manager {
     cfg: ManagerConfig,
+    snapshots: Mutex<HashMap<String, crate::model::Snapshot>>,
     store: Store,
     runtime: Arc<dyn Runtime>,
     boxes: RwLock<HashMap<String, Arc<BoxEntry>>>,
@@ -94,7 +98,9 @@ impl Manager {
             boxes: RwLock::new(HashMap::new()),
             request_ids: Mutex::new(HashMap::new()),
             seq: Mutex::new(seq),
+            snapshots: Mutex::new(HashMap::new()),
         });
+        m.load_snapshots()?;
         for rec in m.store.all_devboxes()? {
             let entry = Arc::new(BoxEntry {
                 status: watch::channel(rec.status).0,
@@ -201,10 +207,13 @@ impl Manager {
                 return self.get(tenant, &id);
             }
         }
-        if req.snapshot_id.is_some() || req.blueprint_id.is_some() || req.blueprint_name.is_some() {
-            let what = if req.snapshot_id.is_some() { "snapshot" } else { "blueprint" };
-            return Err(CoreError::NotFound(format!("{what} not found: this server has no {what}s yet")));
+        if req.blueprint_id.is_some() || req.blueprint_name.is_some() {
+            return Err(CoreError::NotFound("blueprint not found: this server has no blueprints yet".into()));
         }
+        let layers = match req.snapshot_id.as_deref().filter(|s| !s.is_empty()) {
+            Some(sid) => self.layers_for_create(tenant, sid)?,
+            None => vec![],
+        };
         let lp = req.launch_parameters.clone().unwrap_or_default();
         let limits = lp.limits()?;
         let user = match &lp.user_parameters {
@@ -253,6 +262,8 @@ impl Manager {
             limits,
             request_id: request_id.clone(),
             runtime_state: serde_json::Value::Null,
+            snapshot_id: layers.first().cloned(),
+            layers,
         };
         rec.set_status(Status::Provisioning, None);
         self.store.put_devbox(&rec)?;
@@ -280,8 +291,20 @@ impl Manager {
             return; // shut down before it booted
         }
         let rec = entry.snapshot();
-        let spec =
-            BoxSpec { id: rec.id.clone(), hostname: rec.id.clone(), image: self.cfg.image.clone(), limits: rec.limits };
+        let layers: Vec<std::path::PathBuf> = match rec.layers.iter().map(|l| self.layer_dir(l)).collect() {
+            Ok(l) => l,
+            Err(e) => {
+                self.fail(&entry, &format!("boot failed: {e}"));
+                return;
+            }
+        };
+        let spec = BoxSpec {
+            id: rec.id.clone(),
+            hostname: rec.id.clone(),
+            image: self.cfg.image.clone(),
+            layers,
+            limits: rec.limits,
+        };
         let launched = match self.runtime.create(&spec).await {
             Ok(l) => l,
             Err(e) => {
@@ -392,8 +415,13 @@ impl Manager {
         })
     }
 
-    pub async fn shutdown(&self, tenant: &str, id: &str, reason: &str) -> Result<Devbox> {
+    pub async fn shutdown(&self, tenant: &str, id: &str, reason: &str, force: bool) -> Result<Devbox> {
         let entry = self.entry(tenant, id)?;
+        if !force && self.snapshot_in_progress(id) {
+            return Err(CoreError::Conflict(format!(
+                "devbox {id} has a snapshot in progress: wait for it, or shut down with force=true"
+            )));
+        }
         let _guard = entry.lifecycle.lock().await;
         if entry.status().is_terminal() {
             return Ok(entry.snapshot());
@@ -411,6 +439,7 @@ impl Manager {
         }
         entry.rec.lock().unwrap().shutdown_reason = Some(reason.to_string());
         self.transition(&entry, Status::Shutdown, None);
+        self.collect_layers();
         // Output stays readable through the open files until this process exits.
         if let Some(dir) = self.exec_dir(id) {
             let _ = std::fs::remove_dir_all(dir);

@@ -243,6 +243,12 @@ pub struct Devbox {
     pub limits: Limits,
     pub request_id: Option<String>,
     pub runtime_state: serde_json::Value,
+    /// The snapshot this box was created from.
+    #[serde(default)]
+    pub snapshot_id: Option<String>,
+    /// Snapshot layers under the box's own writable layer, topmost first.
+    #[serde(default)]
+    pub layers: Vec<String>,
 }
 
 impl Devbox {
@@ -260,6 +266,44 @@ impl Devbox {
             self.end_time_ms = Some(crate::now_ms());
         }
     }
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum SnapshotStatus {
+    InProgress,
+    Complete,
+    Error,
+    Deleted,
+}
+
+/// A disk snapshot: the writable layer of a box at one instant, stacked on its parents.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Snapshot {
+    pub id: String,
+    pub tenant: String,
+    pub seq: i64,
+    pub name: Option<String>,
+    pub metadata: BTreeMap<String, String>,
+    pub commit_message: Option<String>,
+    pub source_devbox_id: String,
+    pub create_time_ms: i64,
+    pub status: SnapshotStatus,
+    pub error_message: Option<String>,
+    pub size_bytes: Option<u64>,
+    /// Parent snapshot layers (ids), topmost first; this snapshot's own layer goes on top.
+    pub parents: Vec<String>,
+}
+
+/// Parameters of `snapshot_disk` and of a snapshot update.
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct SnapshotParams {
+    #[serde(default)]
+    pub name: Option<String>,
+    #[serde(default)]
+    pub metadata: Option<BTreeMap<String, String>>,
+    #[serde(default)]
+    pub commit_message: Option<String>,
 }
 
 /// One entry of `GET /v1/devboxes/{id}/logs`.

@@ -2,7 +2,7 @@
 //! few columns queries need; the schema version lives in `user_version`.
 
 use crate::exec::ExecRecord;
-use crate::model::{Devbox, LogEntry};
+use crate::model::{Devbox, LogEntry, Snapshot};
 use crate::Result;
 use rusqlite::{params, Connection, OptionalExtension};
 use std::path::Path;
@@ -54,7 +54,13 @@ impl Store {
                  devbox_id TEXT NOT NULL,
                  entry TEXT NOT NULL
              );
-             CREATE INDEX IF NOT EXISTS logs_devbox ON logs (devbox_id, seq);",
+             CREATE INDEX IF NOT EXISTS logs_devbox ON logs (devbox_id, seq);
+             CREATE TABLE IF NOT EXISTS snapshots (
+                 id TEXT PRIMARY KEY,
+                 tenant TEXT NOT NULL,
+                 seq INTEGER NOT NULL,
+                 record TEXT NOT NULL
+             );",
         )?;
         conn.pragma_update(None, "user_version", SCHEMA_VERSION)?;
         Ok(Store { conn: Mutex::new(conn) })
@@ -141,6 +147,34 @@ impl Store {
         for row in rows {
             if let Ok(e) = serde_json::from_str(&row?) {
                 out.push(e);
+            }
+        }
+        Ok(out)
+    }
+
+    pub fn put_snapshot(&self, snap: &Snapshot) -> Result<()> {
+        let json = serde_json::to_string(snap).expect("records serialize");
+        self.conn.lock().unwrap().execute(
+            "INSERT INTO snapshots (id, tenant, seq, record) VALUES (?1, ?2, ?3, ?4)
+             ON CONFLICT(id) DO UPDATE SET record = excluded.record",
+            params![snap.id, snap.tenant, snap.seq, json],
+        )?;
+        Ok(())
+    }
+
+    pub fn delete_snapshot_row(&self, id: &str) -> Result<()> {
+        self.conn.lock().unwrap().execute("DELETE FROM snapshots WHERE id = ?1", params![id])?;
+        Ok(())
+    }
+
+    pub fn all_snapshots(&self) -> Result<Vec<Snapshot>> {
+        let conn = self.conn.lock().unwrap();
+        let mut stmt = conn.prepare("SELECT record FROM snapshots ORDER BY seq")?;
+        let rows = stmt.query_map([], |r| r.get::<_, String>(0))?;
+        let mut out = vec![];
+        for row in rows {
+            if let Ok(s) = serde_json::from_str(&row?) {
+                out.push(s);
             }
         }
         Ok(out)

@@ -57,6 +57,8 @@ pub struct BoxSpec {
     pub hostname: String,
     /// Image name (the base layer).
     pub image: String,
+    /// Snapshot layers stacked on the image, topmost first (made by [`Runtime::snapshot`]).
+    pub layers: Vec<std::path::PathBuf>,
     pub limits: Limits,
 }
 
@@ -88,6 +90,9 @@ pub trait Runtime: Send + Sync + 'static {
     async fn attach(&self, id: &str, state: &RuntimeState) -> Result<AgentClient>;
     async fn freeze(&self, id: &str, state: &RuntimeState) -> Result<()>;
     async fn thaw(&self, id: &str, state: &RuntimeState) -> Result<()>;
+    /// Copy the box's writable layer into `dest` (which must not exist) and return its size in
+    /// bytes. The caller freezes the box around it so the copy is one instant of the disk.
+    async fn snapshot(&self, id: &str, state: &RuntimeState, dest: &std::path::Path) -> Result<u64>;
     /// Kill every process of the box and release its resources. Idempotent.
     async fn destroy(&self, id: &str, state: &RuntimeState) -> Result<()>;
     fn usage(&self, id: &str) -> Usage;

@@ -28,7 +28,7 @@ fn runtime(tag: &str) -> (ContainerRuntime, PathBuf) {
 }
 
 fn spec(id: &str, limits: Limits) -> BoxSpec {
-    BoxSpec { id: id.into(), hostname: id.into(), image: DEFAULT_IMAGE.into(), limits }
+    BoxSpec { id: id.into(), hostname: id.into(), image: DEFAULT_IMAGE.into(), layers: vec![], limits }
 }
 
 const LIMITS: Limits = Limits { cpu_millis: 1000, memory_bytes: 512 << 20, pids: 256, disk_bytes: 4 << 30 };
@@ -193,5 +193,36 @@ async fn concurrent_creates_all_boot() {
         let (id, state) = t.await.unwrap();
         rt.destroy(&id, &state).await.unwrap();
     }
+    let _ = std::fs::remove_dir_all(data);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn snapshot_layers_stack_on_the_image() {
+    let (rt, data) = runtime("snap");
+    let l = rt.create(&spec("rt-snap", LIMITS)).await.expect("create");
+    run(&l.agent, "echo one > /etc/one && rm /etc/debian_version && mkdir -p /opt/d && echo x > /opt/d/f").await;
+    let layer1 = data.join("layer1");
+    rt.freeze("rt-snap", &l.state).await.unwrap();
+    let size = rt.snapshot("rt-snap", &l.state, &layer1).await.expect("snapshot");
+    rt.thaw("rt-snap", &l.state).await.unwrap();
+    assert!(size > 0);
+    rt.destroy("rt-snap", &l.state).await.unwrap();
+
+    let mut s2 = spec("rt-snap2", LIMITS);
+    s2.layers = vec![layer1.clone()];
+    let l2 = rt.create(&s2).await.expect("create from layer");
+    let o = run(&l2.agent, "cat /etc/one /opt/d/f; test -e /etc/debian_version && echo present || echo deleted").await;
+    assert_eq!(o.stdout, "one\nx\ndeleted\n", "{o:?}");
+    run(&l2.agent, "echo two > /etc/two && rm -r /opt/d").await;
+    let layer2 = data.join("layer2");
+    rt.snapshot("rt-snap2", &l2.state, &layer2).await.expect("snapshot of a snapshot-born box");
+    rt.destroy("rt-snap2", &l2.state).await.unwrap();
+
+    let mut s3 = spec("rt-snap3", LIMITS);
+    s3.layers = vec![layer2, layer1];
+    let l3 = rt.create(&s3).await.expect("create from two layers");
+    let o = run(&l3.agent, "cat /etc/one /etc/two; test -e /opt/d && echo present || echo deleted").await;
+    assert_eq!(o.stdout, "one\ntwo\ndeleted\n", "{o:?}");
+    rt.destroy("rt-snap3", &l3.state).await.unwrap();
     let _ = std::fs::remove_dir_all(data);
 }

@@ -112,8 +112,10 @@ impl ContainerRuntime {
             .await
             .map_err(|e| RuntimeError::Transport(e.to_string()))??;
         let p = |s: &str| dir.join(s).display().to_string();
+        let mut lower_dirs: Vec<String> = spec.layers.iter().map(|l| l.display().to_string()).collect();
+        lower_dirs.push(lower.display().to_string());
         let boot = ContainerBoot {
-            lower_dirs: vec![lower.display().to_string()],
+            lower_dirs,
             upper_dir: p("upper"),
             work_dir: p("work"),
             root_dir: p("root"),
@@ -162,6 +164,23 @@ impl ContainerRuntime {
     }
 }
 
+/// Bytes allocated by a directory tree (like `du -s`).
+pub fn tree_size(path: &Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    let mut total = 0;
+    let mut stack = vec![path.to_path_buf()];
+    while let Some(p) = stack.pop() {
+        let Ok(meta) = std::fs::symlink_metadata(&p) else { continue };
+        total += meta.blocks() * 512;
+        if meta.is_dir() {
+            if let Ok(rd) = std::fs::read_dir(&p) {
+                stack.extend(rd.flatten().map(|e| e.path()));
+            }
+        }
+    }
+    total
+}
+
 #[async_trait::async_trait]
 impl Runtime for ContainerRuntime {
     fn kind(&self) -> &'static str {
@@ -197,6 +216,34 @@ impl Runtime for ContainerRuntime {
         tokio::task::spawn_blocking(move || c.freeze(&id, false))
             .await
             .map_err(|e| RuntimeError::Transport(e.to_string()))?
+    }
+
+    async fn snapshot(&self, id: &str, _state: &RuntimeState, dest: &Path) -> Result<u64> {
+        let upper = self.box_dir(id).join("upper");
+        if !upper.is_dir() {
+            return Err(RuntimeError::Gone);
+        }
+        if dest.exists() {
+            return Err(RuntimeError::Unsupported(format!("{} exists", dest.display())));
+        }
+        // cp -a keeps what overlayfs needs: owners, modes, times, whiteout devices and the
+        // trusted.overlay.* xattrs of opaque directories.
+        let out = tokio::process::Command::new("cp")
+            .arg("-a")
+            .arg(&upper)
+            .arg(dest)
+            .output()
+            .await
+            .map_err(|e| RuntimeError::io("run cp", e))?;
+        if !out.status.success() {
+            let _ = std::fs::remove_dir_all(dest);
+            return Err(RuntimeError::Unsupported(format!(
+                "copying the box's disk failed: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            )));
+        }
+        let dest = dest.to_path_buf();
+        tokio::task::spawn_blocking(move || tree_size(&dest)).await.map_err(|e| RuntimeError::Transport(e.to_string()))
     }
 
     async fn destroy(&self, id: &str, state: &RuntimeState) -> Result<()> {
