@@ -3,7 +3,8 @@
 # namespaces and cgroups), and end-to-end tests with the official Runloop Python SDK.
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 need_root "$@"
-install_packages "${BASE_PACKAGES[@]}" python3 python3-venv
+# tmux: the terminal tests drive `devboxd shell` in a real terminal.
+install_packages "${BASE_PACKAGES[@]}" python3 python3-venv tmux
 start=$(date +%s)
 
 echo "==> cargo fmt --check" >&2

@@ -19,63 +19,33 @@ from __future__ import annotations
 
 import atexit
 import os
-import secrets
 import shutil
 import signal
-import socket
-import subprocess
 import tempfile
-import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, List, Optional, Tuple
 
 import pytest
-import requests
 
 from runloop_api_client import Runloop, RunloopSDK
 
 from _helpers import RawSession, shutdown_quietly
+from _server import (
+    EXTRA_LOGS_KEY,
+    REPO_ROOT,
+    ServerHandle,
+    ServerStartError,
+    binary_path,
+    free_port,
+    mounts_under,
+    new_key,
+    spawn,
+    stop_process,
+    wait_healthy,
+)
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
 HEALTH_TIMEOUT_S = 600.0  # the first start may build the base image
-STOP_GRACE_S = 10.0
 DEFAULT_TEST_DEADLINE_S = 300
-LOG_SECTION_MAX_LINES = 300
-
-
-@dataclass
-class ServerHandle:
-    base_url: str
-    key_a: str
-    key_b: str
-    proc: Optional[subprocess.Popen] = None
-    data_dir: Optional[Path] = None
-    log_path: Optional[Path] = None
-    _log_file: Any = field(default=None, repr=False)
-
-    def log_size(self) -> int:
-        if self.log_path is None:
-            return 0
-        try:
-            return self.log_path.stat().st_size
-        except OSError:
-            return 0
-
-    def read_log(self, start: int = 0, max_lines: int = LOG_SECTION_MAX_LINES) -> str:
-        if self.log_path is None:
-            return ""
-        try:
-            with open(self.log_path, "rb") as f:
-                f.seek(start)
-                data = f.read()
-        except OSError as e:
-            return f"<cannot read {self.log_path}: {e}>"
-        lines = data.decode("utf-8", "replace").splitlines()
-        if len(lines) > max_lines:
-            lines = [f"... ({len(lines) - max_lines} earlier lines omitted)"] + lines[-max_lines:]
-        return "\n".join(lines)
-
 
 _STATE: dict = {"server": None, "failed": False, "notes": []}
 _LOG_OFFSET_KEY = pytest.StashKey[int]()
@@ -97,6 +67,10 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo) -> Any:
     if not rep.failed:
         return
     _STATE["failed"] = True
+    for title, handle, offset in item.stash.get(EXTRA_LOGS_KEY, []):
+        text = handle.read_log(offset)
+        if text:
+            rep.sections.append((f"{title} during {rep.when} ({handle.log_path})", text))
     srv: Optional[ServerHandle] = _STATE["server"]
     if srv is None or srv.log_path is None:
         return
@@ -124,125 +98,33 @@ def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pyte
 # ------------------------------------------------------------------ server process
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _mounts_under(path: Path) -> List[str]:
-    """Mount points (in our mount namespace) at or below `path`."""
-    prefix = str(path.resolve())
-    found = []
-    try:
-        with open("/proc/self/mountinfo") as f:
-            for line in f:
-                parts = line.split()
-                if len(parts) > 4:
-                    mp = parts[4].replace("\\040", " ")
-                    if mp == prefix or mp.startswith(prefix + "/"):
-                        found.append(mp)
-    except OSError:
-        pass
-    return found
-
-
-def _stop_process(proc: subprocess.Popen) -> None:
-    if proc.poll() is not None:
-        return
-    try:
-        proc.send_signal(signal.SIGTERM)
-    except ProcessLookupError:
-        return
-    try:
-        proc.wait(timeout=STOP_GRACE_S)
-    except subprocess.TimeoutExpired:
-        try:
-            proc.kill()
-        except ProcessLookupError:
-            pass
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            pass
+_free_port = free_port
+_mounts_under = mounts_under
+_stop_process = stop_process
 
 
 def _start_server() -> ServerHandle:
-    bin_path = Path(os.environ.get("DEVBOXD_BIN", REPO_ROOT / "target" / "release" / "devboxd"))
-    image_dir = Path(os.environ.get("DEVBOXD_IMAGE_DIR", REPO_ROOT / "target" / "images"))
+    bin_path = binary_path()
     if not bin_path.is_file() or not os.access(bin_path, os.X_OK):
         pytest.fail(f"devboxd binary not found or not executable: {bin_path} (set DEVBOXD_BIN)", pytrace=False)
 
     tmp = Path(tempfile.mkdtemp(prefix="devboxd-e2e-"))
     data_dir = tmp / "data"
     data_dir.mkdir()
-    log_path = tmp / "devboxd.log"
-    port = _free_port()
-    key_a = "e2e-key-a-" + secrets.token_hex(12)
-    key_b = "e2e-key-b-" + secrets.token_hex(12)
-    cmd = [
-        str(bin_path),
-        "serve",
-        "--listen",
-        f"127.0.0.1:{port}",
-        "--data-dir",
-        str(data_dir),
-        "--image-dir",
-        str(image_dir),
-        "--api-key",
-        key_a,
-        "--api-key",
-        key_b,
-    ]
-    env = dict(os.environ)
-    env.setdefault("RUST_LOG", "info")
-    env.setdefault("RUST_BACKTRACE", "1")
-    log_file = open(log_path, "ab", buffering=0)
-    log_file.write(f"# e2e: starting {' '.join(cmd[:8])} ... (keys redacted)\n".encode())
-    proc = subprocess.Popen(
-        cmd,
-        stdin=subprocess.DEVNULL,
-        stdout=log_file,
-        stderr=subprocess.STDOUT,
-        env=env,
-        start_new_session=True,
-    )
-    atexit.register(_stop_process, proc)
     handle = ServerHandle(
-        base_url=f"http://127.0.0.1:{port}",
-        key_a=key_a,
-        key_b=key_b,
-        proc=proc,
+        base_url="",
+        key_a=new_key("a"),
+        key_b=new_key("b"),
         data_dir=data_dir,
-        log_path=log_path,
-        _log_file=log_file,
+        log_path=tmp / "devboxd.log",
     )
+    spawn(handle, free_port())
+    atexit.register(_stop_process, handle.proc)
     _STATE["server"] = handle
-
-    deadline = time.monotonic() + HEALTH_TIMEOUT_S
-    last_err = "no attempt yet"
-    while True:
-        rc = proc.poll()
-        if rc is not None:
-            pytest.fail(
-                f"devboxd exited with code {rc} before becoming healthy; log {log_path}:\n{handle.read_log(0, 200)}",
-                pytrace=False,
-            )
-        try:
-            r = requests.get(handle.base_url + "/healthz", timeout=2)
-            if r.status_code == 200:
-                break
-            last_err = f"HTTP {r.status_code}: {r.text[:200]}"
-        except requests.RequestException as e:
-            last_err = repr(e)
-        if time.monotonic() > deadline:
-            _stop_process(proc)
-            pytest.fail(
-                f"devboxd not healthy after {HEALTH_TIMEOUT_S:.0f}s (last: {last_err}); log {log_path}:\n"
-                f"{handle.read_log(0, 200)}",
-                pytrace=False,
-            )
-        time.sleep(0.5)
+    try:
+        wait_healthy(handle, HEALTH_TIMEOUT_S)
+    except ServerStartError as e:
+        pytest.fail(str(e), pytrace=False)
     return handle
 
 

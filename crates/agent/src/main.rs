@@ -8,6 +8,7 @@ mod container;
 mod exec;
 mod files;
 mod harden;
+mod pty;
 mod server;
 mod setup;
 

@@ -108,6 +108,7 @@ async fn route(req: Request<Incoming>, procs: Procs) -> Response<Body> {
             Err(e) => Err(e),
         },
         (_, p) if p.starts_with("/v1/exec/") => exec_action(req, procs).await,
+        (_, p) if p == devbox_protocol::pty::PATH || p.starts_with("/v1/pty/") => crate::pty::route(req, &procs).await,
         _ => Err(AgentError { kind: ErrorKind::NotFound, message: format!("no route {path}") }),
     };
     result.unwrap_or_else(error)

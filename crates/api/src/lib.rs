@@ -3,6 +3,8 @@
 
 mod error;
 mod extract;
+mod metrics;
+mod pty;
 mod routes;
 mod views;
 
@@ -21,6 +23,8 @@ pub struct AppState {
     pub manager: Arc<Manager>,
     /// API key -> tenant id.
     pub keys: Arc<HashMap<String, String>>,
+    /// For host disk metrics.
+    pub data_dir: Option<std::path::PathBuf>,
 }
 
 /// The tenant a request was authenticated as.
@@ -46,10 +50,14 @@ async fn auth(State(st): State<AppState>, mut req: Request, next: Next) -> Respo
 }
 
 pub fn router(state: AppState) -> Router {
+    let metrics_state = state.clone();
+    let pty = pty::router(state.clone());
     let v1 = routes::v1().route_layer(axum::middleware::from_fn_with_state(state.clone(), auth)).with_state(state);
     Router::new()
         .route("/healthz", axum::routing::get(|| async { axum::Json(serde_json::json!({ "status": "ok" })) }))
+        .route("/metrics", axum::routing::get(move || metrics::render(metrics_state.clone())))
         .merge(v1)
+        .merge(pty)
         .fallback(|| async { ApiError::NotFound("no such route".into()) })
         .method_not_allowed_fallback(|| async {
             (
@@ -59,5 +67,6 @@ pub fn router(state: AppState) -> Router {
                 })),
             )
         })
+        .layer(axum::middleware::from_fn(metrics::track))
         .layer(axum::extract::DefaultBodyLimit::disable())
 }

@@ -277,21 +277,22 @@ async fn keep_alive(State(st): State<AppState>, Extension(t): Extension<Tenant>,
 }
 
 async fn usage(State(st): State<AppState>, Extension(t): Extension<Tenant>, Path(id): Path<String>) -> R {
-    let (d, u) = st.manager.usage(&t.0, &id)?;
+    let (d, live) = st.manager.usage(&t.0, &id)?;
     let end = d.end_time_ms.unwrap_or_else(devbox_core::now_ms);
-    let elapsed = ((end - d.create_time_ms).max(0) / 1000) as u64;
+    let u = d.usage;
     ok(json!({
         "id": d.id,
         "status": d.status.as_str(),
         "start_time_ms": d.create_time_ms,
         "end_time_ms": d.end_time_ms,
-        "total_elapsed_seconds": elapsed,
-        "total_active_seconds": elapsed,
-        "vcpu_seconds": u.cpu_nanos / 1_000_000_000,
-        "memory_bytes_current": u.memory_bytes,
-        "memory_gb_seconds": 0,
-        "disk_gb_seconds": 0,
-        "oom_kills": u.oom_kills,
+        "total_elapsed_seconds": (end - d.create_time_ms).max(0) / 1000,
+        "total_active_seconds": u.active_ms / 1000,
+        "vcpu_seconds": u.vcpu_seconds.round() as u64,
+        "memory_gb_seconds": u.memory_gb_seconds.round() as u64,
+        "disk_gb_seconds": u.disk_gb_seconds.round() as u64,
+        "memory_bytes": live.memory_bytes,
+        "disk_bytes": u.disk_bytes,
+        "oom_kills": u.oom_kills.max(live.oom_kills),
     }))
 }
 

@@ -19,6 +19,8 @@ pub fn devbox(d: &Devbox) -> Value {
         "blueprint_id": null,
         "snapshot_id": d.snapshot_id,
         "initiator_type": "api",
+        // Whether a suspended box kept its memory (frozen) or only its disk (hibernated).
+        "hibernated": d.hibernated,
     });
     if let Some(detail) = &d.failure_detail {
         v["failure_detail"] = json!(detail);

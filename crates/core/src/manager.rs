@@ -23,6 +23,8 @@ pub struct ManagerConfig {
     /// Where execution output is kept (`DIR/execs/<devbox>/<exec>.stdout`); None keeps it in
     /// memory only.
     pub data_dir: Option<std::path::PathBuf>,
+    /// Suspended boxes hibernate (processes stopped, disk kept) after this long.
+    pub hibernate_after_ms: Option<i64>,
 }
 
 /// Log entries kept and returned per devbox.
@@ -37,7 +39,11 @@ struct BoxEntry {
     /// Named shells: commands of one shell run one after another.
     shells: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     /// Serializes lifecycle transitions (boot, shutdown, suspend, resume) of this box.
-    lifecycle: tokio::sync::Mutex<()>,
+    lifecycle: Arc<tokio::sync::Mutex<()>>,
+    /// Last API activity (ms), for idle policies.
+    last_activity: std::sync::atomic::AtomicI64,
+    /// The suspend command currently running, killed at the suspend deadline.
+    hook: Mutex<Option<Arc<Execution>>>,
 }
 
 impl BoxEntry {
@@ -54,12 +60,19 @@ impl BoxEntry {
     }
 }
 
+mod lifecycle;
 mod snapshot;
+pub use lifecycle::ExitMode;
 pub use snapshot::MetadataFilter;
 
 pub struct Manager {
+    /// Itself, for tasks spawned from `&self` methods.
+    me: std::sync::Weak<Manager>,
     cfg: ManagerConfig,
     snapshots: Mutex<HashMap<String, crate::model::Snapshot>>,
+    executions_total: std::sync::atomic::AtomicU64,
+    snapshot_seconds: Mutex<crate::metrics::Histogram>,
+    create_seconds: Mutex<crate::metrics::Histogram>,
     store: Store,
     runtime: Arc<dyn Runtime>,
     boxes: RwLock<HashMap<String, Arc<BoxEntry>>>,
@@ -91,7 +104,8 @@ impl Manager {
     /// Load every devbox from the store and reattach the live ones.
     pub async fn start(cfg: ManagerConfig, store: Store, runtime: Arc<dyn Runtime>) -> Result<Arc<Manager>> {
         let seq = store.max_seq()?;
-        let m = Arc::new(Manager {
+        let m = Arc::new_cyclic(|me| Manager {
+            me: me.clone(),
             cfg,
             store,
             runtime,
@@ -99,8 +113,16 @@ impl Manager {
             request_ids: Mutex::new(HashMap::new()),
             seq: Mutex::new(seq),
             snapshots: Mutex::new(HashMap::new()),
+            executions_total: Default::default(),
+            snapshot_seconds: Mutex::new(crate::metrics::Histogram::new(crate::metrics::LATENCY_BUCKETS)),
+            create_seconds: Mutex::new(crate::metrics::Histogram::new(crate::metrics::LATENCY_BUCKETS)),
         });
         m.load_snapshots()?;
+        let hib = if m.cfg.hibernate_after_ms.is_some() { "after the configured time" } else { "only on request" };
+        tracing::info!(
+            "suspend keeps memory (freezer); hibernation {hib} keeps the disk only and boots again on resume ({})",
+            criu_status()
+        );
         for rec in m.store.all_devboxes()? {
             let entry = Arc::new(BoxEntry {
                 status: watch::channel(rec.status).0,
@@ -109,7 +131,9 @@ impl Manager {
                 execs: Mutex::new(HashMap::new()),
                 command_ids: Mutex::new(HashMap::new()),
                 shells: Mutex::new(HashMap::new()),
-                lifecycle: tokio::sync::Mutex::new(()),
+                lifecycle: Arc::new(tokio::sync::Mutex::new(())),
+                last_activity: std::sync::atomic::AtomicI64::new(now_ms()),
+                hook: Mutex::new(None),
             });
             if let Some(rid) = &rec.request_id {
                 m.request_ids.lock().unwrap().insert((rec.tenant.clone(), rid.clone()), rec.id.clone());
@@ -122,14 +146,29 @@ impl Manager {
                 m.reload_executions(&entry);
             }
         }
+        m.start_policies();
         Ok(m)
     }
 
     async fn recover(self: &Arc<Self>, entry: &Arc<BoxEntry>) {
         let rec = entry.snapshot();
+        if rec.hibernated {
+            return; // nothing runs; it boots again on resume
+        }
+        let (id, state) = (rec.id.clone(), rec.runtime_state.clone());
         let attached = match rec.status {
-            Status::Running | Status::Suspended | Status::Suspending | Status::Resuming => {
-                self.runtime.attach(&rec.id, &rec.runtime_state).await.ok()
+            // A snapshot may have frozen it when the previous server died: thaw, then talk.
+            Status::Running | Status::Resuming => {
+                let _ = self.runtime.thaw(&id, &state).await;
+                self.runtime.attach(&id, &state).await.ok()
+            }
+            // Frozen boxes cannot answer a handshake; check they exist, connect on resume.
+            Status::Suspended | Status::Suspending if self.runtime.alive(&id, &state) => {
+                if self.runtime.freeze(&id, &state).await.is_ok() {
+                    Some(self.runtime.agent(&id))
+                } else {
+                    None
+                }
             }
             _ => None,
         };
@@ -138,14 +177,8 @@ impl Manager {
                 *entry.agent.lock().unwrap() = Some(agent);
                 // Finish a transition the previous server process was in the middle of.
                 match rec.status {
-                    Status::Suspending => {
-                        let ok = self.runtime.freeze(&rec.id, &rec.runtime_state).await.is_ok();
-                        self.transition(entry, if ok { Status::Suspended } else { Status::Running }, None);
-                    }
-                    Status::Resuming => {
-                        let ok = self.runtime.thaw(&rec.id, &rec.runtime_state).await.is_ok();
-                        self.transition(entry, if ok { Status::Running } else { Status::Suspended }, None);
-                    }
+                    Status::Suspending => self.transition(entry, Status::Suspended, None),
+                    Status::Resuming => self.transition(entry, Status::Running, None),
                     _ => {}
                 }
                 tracing::info!(id = %rec.id, status = rec.status.as_str(), "reattached devbox");
@@ -188,8 +221,27 @@ impl Manager {
     fn entry(&self, tenant: &str, id: &str) -> Result<Arc<BoxEntry>> {
         let g = self.boxes.read().unwrap();
         match g.get(id) {
-            Some(e) if e.rec.lock().unwrap().tenant == tenant => Ok(e.clone()),
+            Some(e) if e.rec.lock().unwrap().tenant == tenant => {
+                e.last_activity.store(now_ms(), std::sync::atomic::Ordering::Relaxed);
+                Ok(e.clone())
+            }
             _ => Err(CoreError::NotFound(format!("devbox {id} not found"))),
+        }
+    }
+
+    pub fn stats(&self) -> crate::metrics::Stats {
+        let mut by: HashMap<Status, usize> = HashMap::new();
+        let mut running_execs = 0;
+        for e in self.boxes.read().unwrap().values() {
+            *by.entry(e.status()).or_default() += 1;
+            running_execs += e.execs.lock().unwrap().values().filter(|x| x.status() != ExecStatus::Completed).count();
+        }
+        crate::metrics::Stats {
+            devboxes_by_status: Status::ALL.iter().map(|s| (s.as_str(), by.get(s).copied().unwrap_or(0))).collect(),
+            executions_total: self.executions_total.load(std::sync::atomic::Ordering::Relaxed),
+            executions_running: running_execs,
+            snapshot_seconds: self.snapshot_seconds.lock().unwrap().clone(),
+            create_seconds: self.create_seconds.lock().unwrap().clone(),
         }
     }
 
@@ -216,6 +268,7 @@ impl Manager {
         };
         let lp = req.launch_parameters.clone().unwrap_or_default();
         let limits = lp.limits()?;
+        lp.policy()?;
         let user = match &lp.user_parameters {
             Some(u) => {
                 if u.username.is_empty()
@@ -264,6 +317,9 @@ impl Manager {
             runtime_state: serde_json::Value::Null,
             snapshot_id: layers.first().cloned(),
             layers,
+            keep_alive_from_ms: now,
+            hibernated: false,
+            usage: Default::default(),
         };
         rec.set_status(Status::Provisioning, None);
         self.store.put_devbox(&rec)?;
@@ -274,7 +330,9 @@ impl Manager {
             execs: Mutex::new(HashMap::new()),
             command_ids: Mutex::new(HashMap::new()),
             shells: Mutex::new(HashMap::new()),
-            lifecycle: tokio::sync::Mutex::new(()),
+            lifecycle: Arc::new(tokio::sync::Mutex::new(())),
+            last_activity: std::sync::atomic::AtomicI64::new(now_ms()),
+            hook: Mutex::new(None),
         });
         self.boxes.write().unwrap().insert(id.clone(), entry.clone());
         if let Some(rid) = request_id {
@@ -290,14 +348,28 @@ impl Manager {
         if entry.status() != Status::Provisioning {
             return; // shut down before it booted
         }
-        let rec = entry.snapshot();
-        let layers: Vec<std::path::PathBuf> = match rec.layers.iter().map(|l| self.layer_dir(l)).collect() {
-            Ok(l) => l,
-            Err(e) => {
-                self.fail(&entry, &format!("boot failed: {e}"));
-                return;
+        let started = std::time::Instant::now();
+        match self.start_box(&entry, true).await {
+            Ok(()) => {
+                self.create_seconds.lock().unwrap().observe(started.elapsed().as_secs_f64());
+                self.transition(&entry, Status::Running, None);
+                tracing::info!(id = %entry.rec.lock().unwrap().id, "devbox running");
+                self.start_entrypoint(&entry);
             }
-        };
+            Err(detail) => self.fail(&entry, &detail),
+        }
+    }
+
+    /// Boot the box's runtime, set up its user and run its launch commands. On failure the
+    /// runtime is released (keeping the disk when `fresh` is false) and the cause returned.
+    async fn start_box(&self, entry: &Arc<BoxEntry>, fresh: bool) -> std::result::Result<(), String> {
+        let rec = entry.snapshot();
+        let layers: Vec<std::path::PathBuf> = rec
+            .layers
+            .iter()
+            .map(|l| self.layer_dir(l))
+            .collect::<Result<_>>()
+            .map_err(|e| format!("boot failed: {e}"))?;
         let spec = BoxSpec {
             id: rec.id.clone(),
             hostname: rec.id.clone(),
@@ -305,38 +377,40 @@ impl Manager {
             layers,
             limits: rec.limits,
         };
-        let launched = match self.runtime.create(&spec).await {
-            Ok(l) => l,
-            Err(e) => {
-                tracing::error!(id = %rec.id, error = %e, "devbox failed to boot");
-                self.fail(&entry, &format!("boot failed: {e}"));
-                return;
-            }
-        };
+        let launched = self.runtime.create(&spec).await.map_err(|e| {
+            tracing::error!(id = %rec.id, error = %e, "devbox failed to boot");
+            format!("boot failed: {e}")
+        })?;
         entry.rec.lock().unwrap().runtime_state = launched.state.clone();
         *entry.agent.lock().unwrap() = Some(launched.agent.clone());
-        self.transition(&entry, Status::Initializing, None);
+        if fresh {
+            self.transition(entry, Status::Initializing, None);
+        }
+        let (rid, rstate) = (rec.id.clone(), launched.state.clone());
+        let release = |detail: String| async move {
+            *entry.agent.lock().unwrap() = None;
+            let r =
+                if fresh { self.runtime.destroy(&rid, &rstate).await } else { self.runtime.stop(&rid, &rstate).await };
+            if let Err(e) = r {
+                tracing::warn!(id = %rid, error = %e, "releasing a box that failed to start");
+            }
+            Err(detail)
+        };
         let setup = SetupRequest { user: rec.user.spec(), sudo: true };
         if let Err(e) = launched.agent.setup(&setup).await {
-            self.fail(&entry, &format!("user setup failed: {e}"));
-            let _ = self.runtime.destroy(&rec.id, &launched.state).await;
-            return;
+            return release(format!("user setup failed: {e}")).await;
         }
         for (i, cmd) in rec.launch_parameters.launch_commands.iter().flatten().enumerate() {
             let exec = Arc::new(Execution::new(&self.new_exec_record(&rec.id, cmd, None, false, None), None));
             self.log(&rec.id, "setup_commands", "info", None, Some(&exec), None);
-            self.run_exec(&entry, &launched.agent, exec.clone(), "setup_commands", true).await;
+            self.run_exec(entry, &launched.agent, exec.clone(), "setup_commands", true).await;
             let status = exec.exit_status().unwrap_or(-1);
             if status != 0 {
                 let tail = exec.stderr.last_lines(5).text;
-                self.fail(&entry, &format!("launch command {} exited {status}: {tail}", i + 1));
-                let _ = self.runtime.destroy(&rec.id, &launched.state).await;
-                *entry.agent.lock().unwrap() = None;
-                return;
+                return release(format!("launch command {} exited {status}: {tail}", i + 1)).await;
             }
         }
-        self.transition(&entry, Status::Running, None);
-        tracing::info!(id = %rec.id, "devbox running");
+        Ok(())
     }
 
     pub fn get(&self, tenant: &str, id: &str) -> Result<Devbox> {
@@ -447,51 +521,56 @@ impl Manager {
         Ok(entry.snapshot())
     }
 
-    pub async fn suspend(&self, tenant: &str, id: &str) -> Result<Devbox> {
+    /// Start suspending: `suspending` now, `suspended` once suspend commands ran and every
+    /// process is frozen (memory and processes kept).
+    pub async fn suspend(self: &Arc<Self>, tenant: &str, id: &str) -> Result<Devbox> {
         let entry = self.entry(tenant, id)?;
-        let _guard = entry.lifecycle.lock().await;
+        let guard = entry.lifecycle.clone().lock_owned().await;
         match entry.status() {
-            Status::Suspended => return Ok(entry.snapshot()),
+            Status::Suspended | Status::Suspending => return Ok(entry.snapshot()),
             Status::Running => {}
             s => return Err(CoreError::Conflict(format!("cannot suspend a devbox that is {}", s.as_str()))),
         }
         self.transition(&entry, Status::Suspending, None);
-        let state = entry.rec.lock().unwrap().runtime_state.clone();
-        match self.runtime.freeze(id, &state).await {
-            Ok(()) => self.transition(&entry, Status::Suspended, None),
-            Err(e) => {
-                self.transition(&entry, Status::Running, None);
-                return Err(e.into());
-            }
-        }
+        let (me, e2) = (self.clone(), entry.clone());
+        tokio::spawn(async move {
+            let _guard = guard;
+            me.do_suspend(&e2).await
+        });
         Ok(entry.snapshot())
     }
 
-    pub async fn resume(&self, tenant: &str, id: &str) -> Result<Devbox> {
+    /// Start resuming: `resuming` now, `running` once thawed (or booted again after
+    /// hibernation, with launch_commands run again).
+    pub async fn resume(self: &Arc<Self>, tenant: &str, id: &str) -> Result<Devbox> {
         let entry = self.entry(tenant, id)?;
-        let _guard = entry.lifecycle.lock().await;
+        let guard = entry.lifecycle.clone().lock_owned().await;
         match entry.status() {
-            Status::Running => return Ok(entry.snapshot()),
+            Status::Running | Status::Resuming => return Ok(entry.snapshot()),
             Status::Suspended => {}
             s => return Err(CoreError::Conflict(format!("cannot resume a devbox that is {}", s.as_str()))),
         }
         self.transition(&entry, Status::Resuming, None);
-        let state = entry.rec.lock().unwrap().runtime_state.clone();
-        match self.runtime.thaw(id, &state).await {
-            Ok(()) => self.transition(&entry, Status::Running, None),
-            Err(e) => {
-                self.transition(&entry, Status::Suspended, None);
-                return Err(e.into());
-            }
-        }
+        let (me, e2) = (self.clone(), entry.clone());
+        tokio::spawn(async move {
+            let _guard = guard;
+            me.do_resume(&e2).await
+        });
         Ok(entry.snapshot())
     }
 
+    /// Restart the keep-alive period (and, like any call, the idle timer).
     pub fn keep_alive(&self, tenant: &str, id: &str) -> Result<()> {
         let entry = self.entry(tenant, id)?;
         if entry.status().is_terminal() {
             return Err(CoreError::Conflict(format!("devbox {id} is {}", entry.status().as_str())));
         }
+        let rec = {
+            let mut r = entry.rec.lock().unwrap();
+            r.keep_alive_from_ms = now_ms();
+            r.clone()
+        };
+        self.store.put_devbox(&rec)?;
         Ok(())
     }
 
@@ -632,6 +711,7 @@ impl Manager {
             std::fs::create_dir_all(d).map_err(|e| CoreError::BadRequest(format!("cannot create output dir: {e}")))?;
         }
         let exec = Arc::new(Execution::new(&rec, dir.as_deref()));
+        self.executions_total.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         entry.execs.lock().unwrap().insert(exec.id.clone(), exec.clone());
         if let Some(cid) = p.command_id {
             entry.command_ids.lock().unwrap().insert(cid, exec.id.clone());
@@ -868,6 +948,15 @@ impl Manager {
         let n = agent.write_file(&p, spec.uid, spec.gid, data).await.map_err(CoreError::from_runtime)?;
         self.log(id, "files", "info", Some(format!("wrote {n} bytes to {p}")), None, None);
         Ok(n)
+    }
+}
+
+/// Whether CRIU could checkpoint process trees here (reported at startup).
+fn criu_status() -> String {
+    match std::process::Command::new("criu").arg("check").output() {
+        Err(_) => "CRIU not installed".into(),
+        Ok(o) if o.status.success() => "CRIU works here but checkpointing is not implemented yet".into(),
+        Ok(_) => "CRIU installed but `criu check` fails on this kernel".into(),
     }
 }
 

@@ -75,6 +75,41 @@ pub struct AfterIdle {
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct LifecycleHooks {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub suspend_commands: Option<Vec<String>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub suspend_deadline_ms: Option<i64>,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct Lifecycle {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub after_idle: Option<AfterIdle>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lifecycle_hooks: Option<LifecycleHooks>,
+    #[serde(flatten)]
+    pub other: BTreeMap<String, serde_json::Value>,
+}
+
+/// What to do with a box nobody uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OnIdle {
+    Shutdown,
+    Suspend,
+}
+
+/// Lifecycle policy resolved from launch parameters.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Policy {
+    /// Shut down this long after creation or the last keep_alive (None when idle rules apply).
+    pub keep_alive_ms: Option<i64>,
+    pub idle: Option<(i64, OnIdle)>,
+    pub suspend_commands: Vec<String>,
+    pub suspend_deadline_ms: i64,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 pub struct UserParameters {
     pub username: String,
     pub uid: i64,
@@ -101,6 +136,8 @@ pub struct LaunchParameters {
     pub after_idle: Option<AfterIdle>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub architecture: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lifecycle: Option<Lifecycle>,
     #[serde(flatten)]
     pub other: BTreeMap<String, serde_json::Value>,
 }
@@ -165,6 +202,55 @@ impl LaunchParameters {
             ));
         }
         Ok(s)
+    }
+
+    /// The lifecycle policy, validated like Runloop does.
+    pub fn policy(&self) -> Result<Policy> {
+        let nested = self.lifecycle.as_ref().and_then(|l| l.after_idle.clone());
+        if let (Some(a), Some(b)) = (&self.after_idle, &nested) {
+            if a != b {
+                return Err(CoreError::BadRequest(
+                    "after_idle and lifecycle.after_idle differ: give one, or the same in both".into(),
+                ));
+            }
+        }
+        let idle = match self.after_idle.clone().or(nested) {
+            None => None,
+            Some(a) => {
+                if a.idle_time_seconds <= 0 {
+                    return Err(CoreError::BadRequest("after_idle.idle_time_seconds must be positive".into()));
+                }
+                let on = match a.on_idle.as_str() {
+                    "shutdown" => OnIdle::Shutdown,
+                    "suspend" => OnIdle::Suspend,
+                    other => {
+                        return Err(CoreError::BadRequest(format!(
+                            "after_idle.on_idle must be \"shutdown\" or \"suspend\", got {other:?}"
+                        )))
+                    }
+                };
+                Some((a.idle_time_seconds * 1000, on))
+            }
+        };
+        let keep_alive_ms = match self.keep_alive_time_seconds {
+            Some(k) if !(1..=172_800).contains(&k) => {
+                return Err(CoreError::BadRequest("keep_alive_time_seconds must be between 1 and 172800".into()))
+            }
+            _ if idle.is_some() => None,
+            Some(k) => Some(k * 1000),
+            None => Some(3600 * 1000),
+        };
+        let hooks = self.lifecycle.as_ref().and_then(|l| l.lifecycle_hooks.clone()).unwrap_or_default();
+        let deadline = hooks.suspend_deadline_ms.unwrap_or(30_000);
+        if !(0..=60_000).contains(&deadline) {
+            return Err(CoreError::BadRequest("suspend_deadline_ms must be between 0 and 60000".into()));
+        }
+        Ok(Policy {
+            keep_alive_ms,
+            idle,
+            suspend_commands: hooks.suspend_commands.unwrap_or_default(),
+            suspend_deadline_ms: deadline,
+        })
     }
 
     pub fn limits(&self) -> Result<Limits> {
@@ -249,6 +335,31 @@ pub struct Devbox {
     /// Snapshot layers under the box's own writable layer, topmost first.
     #[serde(default)]
     pub layers: Vec<String>,
+    /// Start of the current keep-alive period (creation or the last keep_alive).
+    #[serde(default)]
+    pub keep_alive_from_ms: i64,
+    /// The box's processes were stopped while suspended; its disk is kept and it boots again
+    /// (running launch_commands) on resume.
+    #[serde(default)]
+    pub hibernated: bool,
+    #[serde(default)]
+    pub usage: UsageCounters,
+}
+
+/// Accumulated resource use of a box.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq)]
+pub struct UsageCounters {
+    pub active_ms: u64,
+    pub vcpu_seconds: f64,
+    pub memory_gb_seconds: f64,
+    pub disk_gb_seconds: f64,
+    /// Last cumulative CPU reading of the box's cgroup (to add deltas).
+    pub last_cpu_nanos: u64,
+    pub disk_bytes: u64,
+    pub memory_bytes: u64,
+    /// Processes of the box the kernel killed for memory.
+    #[serde(default)]
+    pub oom_kills: u64,
 }
 
 impl Devbox {
@@ -341,6 +452,21 @@ mod tests {
         assert!(lp(r#"{"resource_size_request":"HUGE"}"#).size().is_err());
         assert!(lp(r#"{"resource_size_request":"CUSTOM_SIZE","custom_gb_memory":3}"#).size().is_err());
         assert!(lp(r#"{"custom_gb_memory":2}"#).size().is_err());
+    }
+
+    #[test]
+    fn lifecycle_policy_rules() {
+        let lp = |j: &str| serde_json::from_str::<LaunchParameters>(j).unwrap();
+        let p = lp("{}").policy().unwrap();
+        assert_eq!(p.keep_alive_ms, Some(3_600_000));
+        assert_eq!(p.idle, None);
+        let p = lp(r#"{"keep_alive_time_seconds":60,"lifecycle":{"after_idle":{"idle_time_seconds":5,"on_idle":"suspend"},"lifecycle_hooks":{"suspend_commands":["sync"]}}}"#).policy().unwrap();
+        assert_eq!(p.keep_alive_ms, None, "after_idle wins over keep_alive_time_seconds");
+        assert_eq!(p.idle, Some((5000, OnIdle::Suspend)));
+        assert_eq!(p.suspend_commands, vec!["sync".to_string()]);
+        assert!(lp(r#"{"after_idle":{"idle_time_seconds":5,"on_idle":"nap"}}"#).policy().is_err());
+        assert!(lp(r#"{"keep_alive_time_seconds":0}"#).policy().is_err());
+        assert!(lp(r#"{"after_idle":{"idle_time_seconds":5,"on_idle":"shutdown"},"lifecycle":{"after_idle":{"idle_time_seconds":6,"on_idle":"shutdown"}}}"#).policy().is_err());
     }
 
     #[test]

@@ -1,6 +1,7 @@
-//! devboxd: the server, the image builder and the benchmark, in one binary.
+//! devboxd: the server, the image builder, the benchmark and a terminal client, in one binary.
 
 mod bench;
+mod cli;
 
 use clap::{Args, Parser, Subcommand};
 use devbox_core::{tenant_of_key, Manager, ManagerConfig, Store};
@@ -31,6 +32,10 @@ enum Cmd {
     },
     /// Measure latency against a running server, beside raw baselines.
     Bench(bench::BenchArgs),
+    /// Open an interactive shell in a devbox, like ssh (a PTY session over the server).
+    Shell(cli::ShellArgs),
+    /// Run a command in a devbox (in a terminal if ours is one) and exit with its exit code.
+    Exec(cli::ExecArgs),
 }
 
 #[derive(Args, Clone)]
@@ -59,6 +64,21 @@ struct ServeArgs {
     /// generated once, saved in DATA_DIR/api-key and printed.
     #[arg(long = "api-key")]
     api_keys: Vec<String>,
+    /// Suspended devboxes hibernate (processes stopped, memory released, disk kept) after
+    /// this many seconds; 0 never.
+    #[arg(long, default_value_t = 3600)]
+    hibernate_after: u64,
+    /// What SIGTERM/SIGINT does to running devboxes: keep them running (reattached on the
+    /// next start), shut them down, or hibernate them.
+    #[arg(long, value_enum, default_value = "keep")]
+    on_exit: OnExit,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum OnExit {
+    Keep,
+    Shutdown,
+    Hibernate,
 }
 
 #[derive(Subcommand)]
@@ -80,6 +100,8 @@ fn main() {
         Cmd::Serve(a) => rt.block_on(serve(a)),
         Cmd::Image { cmd: ImageCmd::Build(d) } => build_image(&d.images()).map(|_| ()),
         Cmd::Bench(a) => rt.block_on(bench::run(a)),
+        Cmd::Shell(a) => cli::exit_with(rt.block_on(cli::shell(a))),
+        Cmd::Exec(a) => cli::exit_with(rt.block_on(cli::exec(a))),
     };
     if let Err(e) = result {
         eprintln!("devboxd: error: {e}");
@@ -148,14 +170,22 @@ async fn serve(a: ServeArgs) -> Result<(), String> {
     tracing::info!("{}", runtime.describe());
     let store = Store::open(&data.join("devboxd.db")).map_err(|e| format!("open store: {e}"))?;
     let manager = Manager::start(
-        ManagerConfig { image: DEFAULT_IMAGE.into(), data_dir: Some(data.clone()) },
+        ManagerConfig {
+            image: DEFAULT_IMAGE.into(),
+            data_dir: Some(data.clone()),
+            hibernate_after_ms: (a.hibernate_after > 0).then_some(a.hibernate_after as i64 * 1000),
+        },
         store,
         Arc::new(runtime),
     )
     .await
     .map_err(|e| format!("load devboxes: {e}"))?;
     let key_map: HashMap<String, String> = keys.iter().map(|k| (k.clone(), tenant_of_key(k))).collect();
-    let app = devbox_api::router(devbox_api::AppState { manager, keys: Arc::new(key_map) });
+    let app = devbox_api::router(devbox_api::AppState {
+        manager: manager.clone(),
+        keys: Arc::new(key_map),
+        data_dir: Some(data.clone()),
+    });
     let listener = tokio::net::TcpListener::bind(a.listen).await.map_err(|e| format!("listen on {}: {e}", a.listen))?;
     tracing::info!(listen = %a.listen, data_dir = %data.display(), tenants = keys.len(), "devboxd serving");
     axum::serve(listener, app)
@@ -166,8 +196,23 @@ async fn serve(a: ServeArgs) -> Result<(), String> {
                 _ = term.recv() => {},
                 _ = tokio::signal::ctrl_c() => {},
             }
-            tracing::info!("shutting down; devboxes keep running and are reattached on the next start");
         })
         .await
-        .map_err(|e| format!("server: {e}"))
+        .map_err(|e| format!("server: {e}"))?;
+    let mode = match a.on_exit {
+        OnExit::Keep => {
+            tracing::info!("shutting down; devboxes keep running and are reattached on the next start");
+            devbox_core::ExitMode::Keep
+        }
+        OnExit::Shutdown => {
+            tracing::info!("shutting down every devbox before exiting");
+            devbox_core::ExitMode::Shutdown
+        }
+        OnExit::Hibernate => {
+            tracing::info!("hibernating every devbox before exiting");
+            devbox_core::ExitMode::Hibernate
+        }
+    };
+    manager.on_exit(mode).await;
+    Ok(())
 }

@@ -6,8 +6,9 @@
 //!
 //! `POST /v1/pty` ([`PtyOpen`]) creates a session or returns the existing one ([`PtyInfo`]).
 //! `POST /v1/pty/{name}/attach?cols=&rows=` ([`PtyAttachQuery`]) is full duplex: the request
-//! body is keyboard input, the response body is a stream of frames — `Stdout` (terminal bytes,
-//! the first one a redraw of the current screen), then one `Exit` when the session's process
+//! body is keyboard input, the response body is a stream of frames — `Stdout` (terminal bytes:
+//! first what is on screen — the output so far on a session's first attach while it is small,
+//! else a redraw of the screen — then live output), then one `Exit` when the session's process
 //! ended. The attachment ends when the host ends its request body or resets the stream.
 //! `POST /v1/pty/{name}/control` ([`PtyControl`]) resizes, signals or closes; answers `PtyInfo`.
 
@@ -106,9 +107,14 @@ pub struct PtyAttachQuery {
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(tag = "action", rename_all = "snake_case")]
 pub enum PtyControl {
-    Resize { cols: u16, rows: u16 },
+    Resize {
+        cols: u16,
+        rows: u16,
+    },
     /// Sent to the terminal's foreground process group, as the keyboard would.
-    Signal { signal: i32 },
+    Signal {
+        signal: i32,
+    },
     /// Hang up the session (SIGHUP, SIGKILL if it lingers) and forget its name at once.
     Close,
 }
@@ -123,7 +129,10 @@ mod tests {
             serde_json::to_string(&PtyControl::Resize { cols: 80, rows: 24 }).unwrap(),
             r#"{"action":"resize","cols":80,"rows":24}"#
         );
-        assert_eq!(serde_json::to_string(&PtyControl::Signal { signal: 2 }).unwrap(), r#"{"action":"signal","signal":2}"#);
+        assert_eq!(
+            serde_json::to_string(&PtyControl::Signal { signal: 2 }).unwrap(),
+            r#"{"action":"signal","signal":2}"#
+        );
         assert_eq!(serde_json::to_string(&PtyControl::Close).unwrap(), r#"{"action":"close"}"#);
         let open = PtyOpen {
             name: "s".into(),

@@ -3,6 +3,8 @@
 
 use crate::{Result, RuntimeError};
 use bytes::Bytes;
+use devbox_protocol::pty::{self, PtyAttachQuery, PtyControl, PtyInfo, PtyOpen};
+use devbox_protocol::ChannelBody;
 use devbox_protocol::{
     paths, AgentError, BodyError, ErrorKind, ExecRequest, FileQuery, Frame, FrameDecoder, Hello, SetupRequest,
     SignalRequest, PROTOCOL_VERSION,
@@ -47,15 +49,28 @@ fn json_body<T: serde::Serialize>(v: &T) -> Body {
 }
 
 impl AgentClient {
+    /// A client that connects on first use, without a handshake (for a frozen box, whose
+    /// agent cannot answer until it is thawed).
+    pub fn lazy(socket: &Path) -> AgentClient {
+        AgentClient { inner: Arc::new(Inner { socket: socket.to_path_buf(), conn: tokio::sync::Mutex::new(None) }) }
+    }
+
     /// Connect and complete the readiness handshake, retrying until `timeout`.
     pub async fn connect(socket: &Path, timeout: Duration) -> Result<AgentClient> {
-        let client = AgentClient {
-            inner: Arc::new(Inner { socket: socket.to_path_buf(), conn: tokio::sync::Mutex::new(None) }),
-        };
+        let client = AgentClient::lazy(socket);
         let start = Instant::now();
         let mut delay = Duration::from_micros(200);
         loop {
-            match client.hello().await {
+            // Bound each attempt too: a frozen or wedged agent accepts but never answers.
+            let left = timeout.saturating_sub(start.elapsed()).max(Duration::from_millis(50));
+            let attempt = match tokio::time::timeout(left, client.hello()).await {
+                Ok(r) => r,
+                Err(_) => {
+                    *client.inner.conn.lock().await = None;
+                    Err(RuntimeError::AgentNotReady("no answer to the handshake".into()))
+                }
+            };
+            match attempt {
                 Ok(h) if h.protocol_version == PROTOCOL_VERSION => return Ok(client),
                 Ok(h) => {
                     return Err(RuntimeError::ProtocolMismatch { agent: h.protocol_version, host: PROTOCOL_VERSION })
@@ -184,6 +199,29 @@ impl AgentClient {
         }
         let w: Written = self.json(Self::request(Method::PUT, &format!("{}?{q}", paths::FILES), body)).await?;
         Ok(w.bytes)
+    }
+
+    /// Create a terminal session, or report the existing one of that name.
+    pub async fn pty_open(&self, req: &PtyOpen) -> Result<PtyInfo> {
+        self.json(Self::request(Method::POST, pty::PATH, json_body(req))).await
+    }
+
+    /// Attach to a terminal session. Keystrokes go into the returned sender (dropping it
+    /// detaches); the stream carries `Stdout` frames (first a redraw of the screen), then one
+    /// `Exit` if the session's process ends while attached. Full duplex on one HTTP/2 stream.
+    pub async fn pty_attach(
+        &self,
+        name: &str,
+        q: PtyAttachQuery,
+    ) -> Result<(tokio::sync::mpsc::Sender<Result<Bytes, BodyError>>, ExecStream)> {
+        let uri = format!("{}?{}", pty::path(name, "attach"), serde_urlencoded::to_string(q).map_err(transport)?);
+        let (tx, body) = ChannelBody::new(16);
+        let resp = self.send(Self::request(Method::POST, &uri, BodyExt::boxed_unsync(body))).await?;
+        Ok((tx, ExecStream { body: resp.into_body(), decoder: FrameDecoder::default(), done: false }))
+    }
+
+    pub async fn pty_control(&self, name: &str, c: &PtyControl) -> Result<PtyInfo> {
+        self.json(Self::request(Method::POST, &pty::path(name, "control"), json_body(c))).await
     }
 }
 

@@ -88,11 +88,20 @@ pub trait Runtime: Send + Sync + 'static {
     async fn create(&self, spec: &BoxSpec) -> Result<Launched>;
     /// Reconnect to a box booted by an earlier server process; `Gone` if it no longer exists.
     async fn attach(&self, id: &str, state: &RuntimeState) -> Result<AgentClient>;
+    /// Whether the box's processes still exist.
+    fn alive(&self, id: &str, state: &RuntimeState) -> bool;
+    /// A client for the box's agent that connects on first use, without a handshake.
+    fn agent(&self, id: &str) -> AgentClient;
     async fn freeze(&self, id: &str, state: &RuntimeState) -> Result<()>;
     async fn thaw(&self, id: &str, state: &RuntimeState) -> Result<()>;
     /// Copy the box's writable layer into `dest` (which must not exist) and return its size in
     /// bytes. The caller freezes the box around it so the copy is one instant of the disk.
     async fn snapshot(&self, id: &str, state: &RuntimeState, dest: &std::path::Path) -> Result<u64>;
+    /// Kill every process of the box but keep its disk: `create` with the same id boots it
+    /// again on that disk.
+    async fn stop(&self, id: &str, state: &RuntimeState) -> Result<()>;
+    /// Bytes the box's own writable layer uses.
+    fn disk_usage(&self, id: &str) -> u64;
     /// Kill every process of the box and release its resources. Idempotent.
     async fn destroy(&self, id: &str, state: &RuntimeState) -> Result<()>;
     fn usage(&self, id: &str) -> Usage;

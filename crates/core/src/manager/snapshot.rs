@@ -170,6 +170,7 @@ impl Manager {
         };
         match result {
             Ok(size) => {
+                self.snapshot_seconds.lock().unwrap().observe(started.elapsed().as_secs_f64());
                 s.status = SnapshotStatus::Complete;
                 s.size_bytes = Some(size);
                 tracing::info!(snapshot = %sid, bytes = size, ms = started.elapsed().as_millis() as u64, "snapshot complete");

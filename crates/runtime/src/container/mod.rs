@@ -188,13 +188,33 @@ impl Runtime for ContainerRuntime {
     }
 
     async fn create(&self, spec: &BoxSpec) -> Result<Launched> {
+        // A box booting again on its kept disk (after hibernation) must never lose it.
+        let rebooting = self.box_dir(&spec.id).join("upper").is_dir();
         match self.boot(spec).await {
             Ok(l) => Ok(l),
             Err(e) => {
-                let _ = self.destroy(&spec.id, &serde_json::Value::Null).await;
+                let _ = if rebooting {
+                    self.stop(&spec.id, &serde_json::Value::Null).await
+                } else {
+                    self.destroy(&spec.id, &serde_json::Value::Null).await
+                };
                 Err(e)
             }
         }
+    }
+
+    async fn stop(&self, id: &str, state: &RuntimeState) -> Result<()> {
+        if let Some(pid) = self.live_init(id, state) {
+            let _ = self.cgroups.freeze(id, false);
+            // SAFETY: kill(2) on a pid verified to be this box's init.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+        }
+        let (c, idc) = (self.cgroups.clone(), id.to_string());
+        tokio::task::spawn_blocking(move || c.remove(&idc)).await.map_err(|e| RuntimeError::Transport(e.to_string()))?
+    }
+
+    fn disk_usage(&self, id: &str) -> u64 {
+        tree_size(&self.box_dir(id).join("upper"))
     }
 
     async fn attach(&self, id: &str, state: &RuntimeState) -> Result<AgentClient> {
@@ -202,6 +222,14 @@ impl Runtime for ContainerRuntime {
             return Err(RuntimeError::Gone);
         }
         AgentClient::connect(&self.box_dir(id).join("agent.sock"), Duration::from_secs(3)).await
+    }
+
+    fn alive(&self, id: &str, state: &RuntimeState) -> bool {
+        self.live_init(id, state).is_some()
+    }
+
+    fn agent(&self, id: &str) -> AgentClient {
+        AgentClient::lazy(&self.box_dir(id).join("agent.sock"))
     }
 
     async fn freeze(&self, id: &str, _state: &RuntimeState) -> Result<()> {
