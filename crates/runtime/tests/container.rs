@@ -226,3 +226,23 @@ async fn snapshot_layers_stack_on_the_image() {
     rt.destroy("rt-snap3", &l3.state).await.unwrap();
     let _ = std::fs::remove_dir_all(data);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_disk_is_enospc_inside_that_box_only() {
+    let (rt, data) = runtime("disk");
+    let small = Limits { disk_bytes: 256 << 20, ..LIMITS };
+    let l = rt.create(&spec("rt-disk", small)).await.expect("create");
+    let other = rt.create(&spec("rt-disk2", LIMITS)).await.expect("create");
+    let o = run(&l.agent, "head -c 400M /dev/zero > /tmp/big; echo rc=$?").await;
+    assert!(o.stderr.contains("No space left"), "{o:?}");
+    assert!(rt.disk_usage("rt-disk") > 200 << 20);
+    assert!(rt.disk_usage("rt-disk") <= 256 << 20);
+    // The box recovers once space is freed; the other box never noticed.
+    assert_eq!(run(&l.agent, "rm /tmp/big && echo ok > /tmp/small && cat /tmp/small").await.stdout, "ok\n");
+    assert_eq!(run(&other.agent, "head -c 100M /dev/zero > /tmp/f && echo fine").await.stdout, "fine\n");
+    rt.destroy("rt-disk", &l.state).await.unwrap();
+    rt.destroy("rt-disk2", &other.state).await.unwrap();
+    assert!(!data.join("boxes/rt-disk").exists());
+    assert!(!data.join("disks/rt-disk.img").exists());
+    let _ = std::fs::remove_dir_all(data);
+}

@@ -3,6 +3,7 @@
 //! and the boot file; the agent's `container-init` does the in-namespace work in-process.
 
 pub mod cgroup;
+pub mod disk;
 
 use crate::image::ImageStore;
 use crate::{AgentClient, BoxSpec, Launched, Result, Runtime, RuntimeError, RuntimeState, Usage};
@@ -21,6 +22,14 @@ pub struct ContainerRuntime {
     images: ImageStore,
     agent: PathBuf,
     cgroups: Cgroups,
+    /// Per-box filesystems bounding disk use; None where loop devices are unavailable.
+    disks: Option<disk::Disks>,
+    disk_note: String,
+}
+
+/// Nanoseconds since the epoch, for unique temporary names.
+pub(crate) fn nanos() -> u128 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0)
 }
 
 #[derive(serde::Serialize, serde::Deserialize)]
@@ -66,11 +75,23 @@ impl ContainerRuntime {
             .map_err(io("restrict boxes dir"))?;
         let agent = install_agent(&data_dir.join("bin"))?;
         let cgroups = Cgroups::detect("devboxd")?;
-        Ok(ContainerRuntime { boxes_dir, images, agent, cgroups })
+        let (disks, disk_note) = match disk::Disks::probe(&data_dir.join("disks")) {
+            Ok(d) => (Some(d), "per-box ext4 disks (ENOSPC at the size limit)".to_string()),
+            Err(why) => (None, format!("disk size NOT enforced: {why}")),
+        };
+        Ok(ContainerRuntime { boxes_dir, images, agent, cgroups, disks, disk_note })
     }
 
     pub fn describe(&self) -> String {
-        format!("container runtime ({}, agent {})", self.cgroups.describe(), self.agent.display())
+        format!("container runtime ({}, {}, agent {})", self.cgroups.describe(), self.disk_note, self.agent.display())
+    }
+
+    /// Where the box's writable layer lives: on its own disk when disks are enforced.
+    fn layer_root(&self, id: &str) -> PathBuf {
+        match self.disks {
+            Some(_) => self.box_dir(id).join("disk"),
+            None => self.box_dir(id),
+        }
     }
 
     fn box_dir(&self, id: &str) -> PathBuf {
@@ -103,8 +124,16 @@ impl ContainerRuntime {
                 socket.display()
             )));
         }
-        for sub in ["upper", "work", "root"] {
-            std::fs::create_dir_all(dir.join(sub)).map_err(io(format!("create {}", dir.join(sub).display())))?;
+        std::fs::create_dir_all(dir.join("root")).map_err(io(format!("create {}", dir.display())))?;
+        if let Some(d) = &self.disks {
+            let (d, id, at, size) = (d.clone(), spec.id.clone(), self.layer_root(&spec.id), spec.limits.disk_bytes);
+            tokio::task::spawn_blocking(move || d.attach(&id, size, &at))
+                .await
+                .map_err(|e| RuntimeError::Transport(e.to_string()))??;
+        }
+        let layer = self.layer_root(&spec.id);
+        for sub in ["upper", "work"] {
+            std::fs::create_dir_all(layer.join(sub)).map_err(io(format!("create {}", layer.join(sub).display())))?;
         }
         let cgroups = self.cgroups.clone();
         let (id, limits) = (spec.id.clone(), spec.limits);
@@ -116,8 +145,8 @@ impl ContainerRuntime {
         lower_dirs.push(lower.display().to_string());
         let boot = ContainerBoot {
             lower_dirs,
-            upper_dir: p("upper"),
-            work_dir: p("work"),
+            upper_dir: layer.join("upper").display().to_string(),
+            work_dir: layer.join("work").display().to_string(),
             root_dir: p("root"),
             hostname: spec.hostname.clone(),
             socket_path: socket.display().to_string(),
@@ -189,7 +218,7 @@ impl Runtime for ContainerRuntime {
 
     async fn create(&self, spec: &BoxSpec) -> Result<Launched> {
         // A box booting again on its kept disk (after hibernation) must never lose it.
-        let rebooting = self.box_dir(&spec.id).join("upper").is_dir();
+        let rebooting = self.layer_root(&spec.id).join("upper").is_dir();
         match self.boot(spec).await {
             Ok(l) => Ok(l),
             Err(e) => {
@@ -214,7 +243,10 @@ impl Runtime for ContainerRuntime {
     }
 
     fn disk_usage(&self, id: &str) -> u64 {
-        tree_size(&self.box_dir(id).join("upper"))
+        match &self.disks {
+            Some(d) => d.used(&self.layer_root(id)).unwrap_or(0),
+            None => tree_size(&self.box_dir(id).join("upper")),
+        }
     }
 
     async fn attach(&self, id: &str, state: &RuntimeState) -> Result<AgentClient> {
@@ -247,7 +279,7 @@ impl Runtime for ContainerRuntime {
     }
 
     async fn snapshot(&self, id: &str, _state: &RuntimeState, dest: &Path) -> Result<u64> {
-        let upper = self.box_dir(id).join("upper");
+        let upper = self.layer_root(id).join("upper");
         if !upper.is_dir() {
             return Err(RuntimeError::Gone);
         }
@@ -281,9 +313,17 @@ impl Runtime for ContainerRuntime {
             // SAFETY: kill(2) on a pid verified to be this box's init.
             unsafe { libc::kill(pid, libc::SIGKILL) };
         }
-        let (c, idc, dir) = (self.cgroups.clone(), id.to_string(), self.box_dir(id));
+        let (c, idc, dir, disks, at) =
+            (self.cgroups.clone(), id.to_string(), self.box_dir(id), self.disks.clone(), self.layer_root(id));
         tokio::task::spawn_blocking(move || {
             c.remove(&idc)?;
+            // Unmount before deleting anything: the disk's files are not ours to walk.
+            if let Some(d) = disks {
+                d.remove(&idc, &at)?;
+            }
+            if disk::is_mountpoint(&at) {
+                return Err(RuntimeError::Unsupported(format!("{} is still mounted", at.display())));
+            }
             match std::fs::remove_dir_all(&dir) {
                 Ok(()) => Ok(()),
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
