@@ -21,9 +21,14 @@ const PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
 /// After the main process exits, output still in the pipes is collected for this long; a
 /// daemon that inherited the pipes must not keep the execution open forever.
 const DRAIN_GRACE: Duration = Duration::from_millis(150);
-/// Output kept per stream per execution while the host may not have read it yet. Beyond it
-/// the oldest bytes go and a reattaching host is told with a `Skipped` frame.
-pub const BUFFER_CAP: usize = 4 << 20;
+/// Output kept per stream per execution, so a host that lost its connection can reattach
+/// from an offset it has. Beyond it the oldest bytes go (a reattach from before them gets a
+/// `Skipped` frame).
+pub const BUFFER_CAP: usize = 16 << 20;
+/// Back-pressure: a pipe is not read while this much of its output has not been handed to an
+/// attached host. The process then blocks on write, as it would on a slow terminal; nothing
+/// is dropped while a host reads, and sent bytes stay in the buffer for a reattach.
+const HIGH_WATER: u64 = (BUFFER_CAP / 2) as u64;
 /// Largest data frame sent.
 const FRAME_CHUNK: usize = 256 * 1024;
 /// Completed executions the host never released are forgotten after this long.
@@ -39,7 +44,7 @@ impl Buf {
     fn push(&mut self, b: &[u8]) {
         self.data.extend_from_slice(b);
         if self.data.len() > BUFFER_CAP {
-            let drop = self.data.len() - BUFFER_CAP / 2;
+            let drop = self.data.len() - BUFFER_CAP * 3 / 4;
             self.data.drain(..drop);
             self.base += drop as u64;
         }
@@ -67,6 +72,10 @@ struct ExecEntry {
     completed_at: Option<Instant>,
     /// Bumped on every change, so attached streams wake up.
     version: watch::Sender<u64>,
+    /// Offsets handed to the attached host, per stream.
+    sent: [u64; 2],
+    /// Wakes the pump when the host caught up.
+    room: Arc<tokio::sync::Notify>,
 }
 
 #[derive(Default)]
@@ -182,6 +191,8 @@ impl Procs {
                 exit: None,
                 completed_at: None,
                 version: watch::channel(0).0,
+                sent: [0, 0],
+                room: Arc::new(tokio::sync::Notify::new()),
             },
         );
         drop(g);
@@ -213,7 +224,11 @@ impl Procs {
         tokio::pin!(exit_rx);
         let mut exit: Option<Exit> = None;
         let mut deadline: Option<tokio::time::Instant> = None;
+        let room = self.with(id, |e| e.room.clone()).expect("registered before the pump starts");
         let exit = loop {
+            let (out_room, err_room) = self
+                .with(id, |e| (e.out.end() - e.sent[0] < HIGH_WATER, e.err.end() - e.sent[1] < HIGH_WATER))
+                .unwrap_or((true, true));
             if !out_open && !err_open {
                 match exit {
                     Some(e) => break e,
@@ -229,11 +244,11 @@ impl Procs {
             };
             tokio::select! {
                 biased;
-                n = out.read(&mut obuf), if out_open => match n {
+                n = out.read(&mut obuf), if out_open && out_room => match n {
                     Ok(0) | Err(_) => out_open = false,
                     Ok(n) => self.append(id, false, &obuf[..n]),
                 },
-                n = err.read(&mut ebuf), if err_open => match n {
+                n = err.read(&mut ebuf), if err_open && err_room => match n {
                     Ok(0) | Err(_) => err_open = false,
                     Ok(n) => self.append(id, true, &ebuf[..n]),
                 },
@@ -243,6 +258,7 @@ impl Procs {
                 },
                 // Pipes held open by a background process: the execution is over anyway.
                 _ = sleep => break exit.expect("deadline set after exit"),
+                _ = room.notified(), if !(out_room && err_room) => {},
             }
         };
         self.with(id, |e| {
@@ -277,7 +293,8 @@ impl Procs {
                 let mut frames = vec![];
                 let exit = this.with(&id, |e| {
                     for (stream, buf, off) in [(1u8, &e.out, &mut out_off), (2u8, &e.err, &mut err_off)] {
-                        loop {
+                        // A few frames per round keeps the copy held here small.
+                        for _ in 0..4 {
                             let (gap, bytes) = buf.from(*off);
                             if let Some((from, to)) = gap {
                                 frames.push(Frame::json(FrameKind::Skipped, &Skipped { stream, from, to }));
@@ -298,13 +315,19 @@ impl Procs {
                         return;
                     }
                 }
+                this.with(&id, |e| {
+                    e.sent = [out_off, err_off];
+                    e.room.notify_one();
+                });
                 match exit {
                     None => return, // released meanwhile
                     Some((Some(exit), true)) => {
                         let _ = tx.send(Ok(Frame::json(FrameKind::Exit, &exit).encode())).await;
                         return;
                     }
-                    _ => {}
+                    // More is buffered than one round sends: go on without waiting.
+                    Some((_, false)) => continue,
+                    Some((None, true)) => {}
                 }
                 if version.changed().await.is_err() {
                     return;
@@ -419,6 +442,7 @@ mod tests {
     fn buffer_drops_oldest_and_reports_gaps() {
         let mut b = Buf::default();
         b.push(&vec![b'x'; BUFFER_CAP + 10]);
+        assert!(b.data.len() <= BUFFER_CAP);
         assert!(b.base > 0);
         assert_eq!(b.end(), (BUFFER_CAP + 10) as u64);
         let (gap, bytes) = b.from(0);

@@ -116,7 +116,7 @@ async fn route(req: Request<Incoming>, procs: Procs) -> Response<Body> {
 
 async fn exec(req: Request<Incoming>, procs: Procs) -> Result<Response<Body>, AgentError> {
     let er: ExecRequest = body_json(req).await?;
-    let (tx, body) = ChannelBody::new(64);
+    let (tx, body) = ChannelBody::new(8);
     match procs.spawn(er) {
         Ok(id) => procs.attach(&id, 0, 0, tx)?,
         // Reported in-band so the host handles every exec outcome on one path.
@@ -137,7 +137,7 @@ async fn exec_action(req: Request<Incoming>, procs: Procs) -> Result<Response<Bo
     match (req.method().clone(), action) {
         (Method::GET, "attach") => {
             let q: AttachQuery = query(&req)?;
-            let (tx, body) = ChannelBody::new(64);
+            let (tx, body) = ChannelBody::new(8);
             procs.attach(&id, q.stdout, q.stderr, tx)?;
             return Ok(Response::builder()
                 .header("content-type", "application/vnd.devbox.frames")

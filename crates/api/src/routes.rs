@@ -38,6 +38,7 @@ pub fn v1() -> Router<AppState> {
         .route("/v1/devboxes/{id}/shutdown", post(shutdown))
         .route("/v1/devboxes/{id}/suspend", post(suspend))
         .route("/v1/devboxes/{id}/resume", post(resume))
+        .route("/v1/devboxes/{id}/hibernate", post(hibernate))
         .route("/v1/devboxes/{id}/keep_alive", post(keep_alive))
         .route("/v1/devboxes/{id}/usage", get(usage))
         .route("/v1/devboxes/{id}/logs", get(logs))
@@ -269,6 +270,11 @@ async fn suspend(State(st): State<AppState>, Extension(t): Extension<Tenant>, Pa
 
 async fn resume(State(st): State<AppState>, Extension(t): Extension<Tenant>, Path(id): Path<String>) -> R {
     ok(views::devbox(&st.manager.resume(&t.0, &id).await?))
+}
+
+/// devboxd extension: release a box's memory now, keeping its disk.
+async fn hibernate(State(st): State<AppState>, Extension(t): Extension<Tenant>, Path(id): Path<String>) -> R {
+    ok(views::devbox(&st.manager.hibernate_now(&t.0, &id).await?))
 }
 
 async fn keep_alive(State(st): State<AppState>, Extension(t): Extension<Tenant>, Path(id): Path<String>) -> R {

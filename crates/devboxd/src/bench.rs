@@ -367,6 +367,304 @@ pub async fn run(a: BenchArgs) -> Result<(), String> {
             cg_bytes as f64 / n as f64 / 1048576.0
         );
     }
+    executions_and_streaming(&api).await?;
+    lifecycle(&api, &lower, &scratch).await?;
     let _ = std::fs::remove_dir_all(&scratch);
     Ok(())
+}
+
+/// 200 concurrent short executions across 10 boxes, and SSE streaming throughput.
+async fn executions_and_streaming(api: &std::sync::Arc<Api>) -> Result<(), String> {
+    let mut ids = vec![];
+    for _ in 0..10 {
+        ids.push(api.create_running().await?);
+    }
+    let t = Instant::now();
+    let mut tasks = vec![];
+    for i in 0..200 {
+        let (api, id) = (api.clone(), ids[i % ids.len()].clone());
+        tasks.push(tokio::spawn(async move {
+            let (s, v) = api
+                .call("POST", &format!("/v1/devboxes/{id}/execute_sync"), Some(json!({"command": format!("echo {i}")})))
+                .await?;
+            Ok::<bool, String>(s == 200 && v["exit_status"] == 0 && v["stdout"] == format!("{i}\n"))
+        }));
+    }
+    let mut errors = 0;
+    for task in tasks {
+        if !task.await.map_err(|e| e.to_string())?? {
+            errors += 1;
+        }
+    }
+    let ours = t.elapsed().as_secs_f64() * 1000.0;
+    let pids: Vec<i32> = ids.iter().filter_map(|id| box_init_pid(id)).collect();
+    let base = tokio::task::spawn_blocking(move || -> Result<f64, String> {
+        let t = Instant::now();
+        let handles: Vec<_> = (0..200)
+            .map(|i| {
+                let pid = pids[i % pids.len()];
+                std::thread::spawn(move || {
+                    std::process::Command::new("nsenter")
+                        .args(["-t", &pid.to_string(), "-a", "sh", "-c", &format!("echo {i}")])
+                        .output()
+                        .map(|o| o.stdout == format!("{i}\n").into_bytes())
+                        .unwrap_or(false)
+                })
+            })
+            .collect();
+        let ok = handles.into_iter().all(|h| h.join().unwrap_or(false));
+        if !ok {
+            return Err("nsenter baseline produced wrong output".into());
+        }
+        Ok(t.elapsed().as_secs_f64() * 1000.0)
+    })
+    .await
+    .map_err(|e| e.to_string())??;
+    println!(
+        "{:<34} wall {:>8.1} ms, {errors} errors | baseline {:<28} wall {:>8.1} ms | ratio {:.2}x",
+        "200 concurrent execs on 10 boxes",
+        ours,
+        "200 concurrent nsenter",
+        base,
+        ours / base
+    );
+
+    // Streaming: 200 MiB of stdout through SSE, against reading the same command's pipe.
+    const BYTES: u64 = 200 << 20;
+    let id = ids[0].clone();
+    let cmd = format!("yes abcdefghijklmnopqrstuvwxyz0123456789 | head -c {BYTES}");
+    let t = Instant::now();
+    let (s, v) = api.call("POST", &format!("/v1/devboxes/{id}/execute_async"), Some(json!({"command": cmd}))).await?;
+    if s != 200 {
+        return Err(format!("execute_async failed: {s} {v}"));
+    }
+    let eid = v["execution_id"].as_str().unwrap_or_default().to_string();
+    let mut got: u64 = 0;
+    while got < BYTES {
+        let req = hyper::Request::builder()
+            .uri(format!("{}/v1/devboxes/{id}/executions/{eid}/stream_stdout_updates?offset={got}", api.url))
+            .header("authorization", format!("Bearer {}", api.key))
+            .body(Full::new(Bytes::new()))
+            .map_err(|e| e.to_string())?;
+        let resp = api.client.request(req).await.map_err(|e| e.to_string())?;
+        let mut body = resp.into_body();
+        let mut pending = Vec::new();
+        let before = got;
+        while let Some(frame) = body.frame().await {
+            let Ok(data) = frame.map_err(|e| e.to_string())?.into_data() else { continue };
+            pending.extend_from_slice(&data);
+            while let Some(pos) = pending.windows(2).position(|w| w == b"\n\n") {
+                let event: Vec<u8> = pending.drain(..pos + 2).collect();
+                if let Some(json) = event.strip_prefix(b"data: ") {
+                    if let Ok(v) = serde_json::from_slice::<Value>(json) {
+                        got = v["offset"].as_u64().unwrap_or(got);
+                    }
+                }
+            }
+        }
+        if got == before {
+            return Err(format!("stream stalled at {got} of {BYTES} bytes"));
+        }
+    }
+    let ours = BYTES as f64 / 1e6 / t.elapsed().as_secs_f64();
+    let pid = box_init_pid(&id).ok_or("no init pid")?;
+    let base = tokio::task::spawn_blocking(move || -> Result<f64, String> {
+        use std::io::Read;
+        let t = Instant::now();
+        let mut child = std::process::Command::new("nsenter")
+            .args(["-t", &pid.to_string(), "-a", "sh", "-c", &cmd])
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .map_err(|e| e.to_string())?;
+        let mut out = child.stdout.take().expect("piped");
+        let mut buf = vec![0u8; 1 << 20];
+        let mut n = 0u64;
+        loop {
+            let r = out.read(&mut buf).map_err(|e| e.to_string())?;
+            if r == 0 {
+                break;
+            }
+            n += r as u64;
+        }
+        let _ = child.wait();
+        Ok(n as f64 / 1e6 / t.elapsed().as_secs_f64())
+    })
+    .await
+    .map_err(|e| e.to_string())??;
+    println!(
+        "{:<34} {:>8.1} MB/s | baseline {:<28} {:>8.1} MB/s | ratio {:.2}x",
+        "stdout via SSE (200 MiB)",
+        ours,
+        "nsenter, same command, pipe",
+        base,
+        ours / base
+    );
+    for id in &ids {
+        api.shutdown(id).await;
+    }
+    Ok(())
+}
+
+async fn wait_status(api: &Api, id: &str, status: &str) -> Result<(), String> {
+    for _ in 0..20 {
+        let (s, v) = api
+            .call(
+                "POST",
+                &format!("/v1/devboxes/{id}/wait_for_status"),
+                Some(json!({"statuses": [status], "timeout_seconds": 10})),
+            )
+            .await?;
+        if s == 200 {
+            return Ok(());
+        }
+        if s != 408 {
+            return Err(format!("wait_for_status: {s} {v}"));
+        }
+    }
+    Err(format!("{id} never became {status}"))
+}
+
+/// Suspend/resume, snapshots, create from snapshot, hibernate/restore.
+async fn lifecycle(api: &std::sync::Arc<Api>, lower: &Path, scratch: &Path) -> Result<(), String> {
+    let id = api.create_running().await?;
+    let _ = api
+        .call(
+            "POST",
+            &format!("/v1/devboxes/{id}/execute_sync"),
+            Some(json!({"command": "for i in $(seq 20); do sleep 1000 & done"})),
+        )
+        .await?;
+    let (mut sus, mut res) = (vec![], vec![]);
+    for _ in 0..50 {
+        let t = Instant::now();
+        api.call("POST", &format!("/v1/devboxes/{id}/suspend"), None).await?;
+        wait_status(api, &id, "suspended").await?;
+        sus.push(t.elapsed().as_secs_f64() * 1000.0);
+        let t = Instant::now();
+        api.call("POST", &format!("/v1/devboxes/{id}/resume"), None).await?;
+        wait_status(api, &id, "running").await?;
+        res.push(t.elapsed().as_secs_f64() * 1000.0);
+    }
+    let freezer = PathBuf::from(format!("/sys/fs/cgroup/freezer/devboxd/{id}/freezer.state"));
+    let (mut bf, mut bt) = (vec![], vec![]);
+    for _ in 0..50 {
+        for (want, v) in [("FROZEN", &mut bf), ("THAWED", &mut bt)] {
+            let t = Instant::now();
+            std::fs::write(&freezer, want).map_err(|e| format!("freezer: {e}"))?;
+            while std::fs::read_to_string(&freezer).map(|s| s.trim() != want).unwrap_or(false) {
+                std::hint::spin_loop();
+            }
+            v.push(t.elapsed().as_secs_f64() * 1000.0);
+        }
+    }
+    row("suspend (API, until suspended)", summary(sus), "raw freezer.state FROZEN", summary(bf), "ms");
+    row("resume (API, until running)", summary(res), "raw freezer.state THAWED", summary(bt), "ms");
+
+    // Snapshot of a box that wrote 100 MB, against copying its upper dir.
+    let _ = api
+        .call(
+            "POST",
+            &format!("/v1/devboxes/{id}/execute_sync"),
+            Some(json!({"command": "head -c 100M /dev/urandom > ~/data.bin; sync"})),
+        )
+        .await?;
+    let t = Instant::now();
+    let (s, v) = api.call("POST", &format!("/v1/devboxes/{id}/snapshot_disk"), Some(json!({"name": "bench"}))).await?;
+    if s != 200 {
+        return Err(format!("snapshot failed: {s} {v}"));
+    }
+    let snap_ms = t.elapsed().as_secs_f64() * 1000.0;
+    let sid = v["id"].as_str().unwrap_or_default().to_string();
+    let upper = box_upper(&id).ok_or("cannot find the box's upper dir for the copy baseline")?;
+    let dest = scratch.join("copy-baseline");
+    let t = Instant::now();
+    let st = std::process::Command::new("cp").arg("-a").arg(&upper).arg(&dest).status().map_err(|e| e.to_string())?;
+    if !st.success() {
+        return Err("cp baseline failed".into());
+    }
+    let cp_ms = t.elapsed().as_secs_f64() * 1000.0;
+    let _ = std::fs::remove_dir_all(&dest);
+    println!(
+        "{:<34} {:>8.1} ms | baseline {:<28} {:>8.1} ms | ratio {:.2}x",
+        "snapshot of a 100 MB diff",
+        snap_ms,
+        "cp -a of the upper dir",
+        cp_ms,
+        snap_ms / cp_ms
+    );
+
+    // Create from snapshot next to plain create.
+    let (mut from, mut plain) = (vec![], vec![]);
+    for _ in 0..20 {
+        let t = Instant::now();
+        let (s, v) =
+            api.call("POST", "/v1/devboxes/create_and_await_running", Some(json!({"snapshot_id": sid}))).await?;
+        if s != 200 || v["status"] != "running" {
+            return Err(format!("create from snapshot failed: {s} {v}"));
+        }
+        from.push(t.elapsed().as_secs_f64() * 1000.0);
+        api.shutdown(v["id"].as_str().unwrap_or_default()).await;
+        let t = Instant::now();
+        let nid = api.create_running().await?;
+        plain.push(t.elapsed().as_secs_f64() * 1000.0);
+        api.shutdown(&nid).await;
+    }
+    row("create from snapshot", summary(from), "plain create", summary(plain), "ms");
+    api.shutdown(&id).await;
+
+    // Hibernate and restore a box using 256 MiB, against creating a box.
+    let id = api.create_running().await?;
+    let _ = api
+        .call(
+            "POST",
+            &format!("/v1/devboxes/{id}/execute_sync"),
+            Some(json!({"command": "nohup python3 -c 'import time; b=bytearray(256<<20); b[::4096]=b\"x\"*len(b[::4096]); time.sleep(3600)' >/dev/null 2>&1 & sleep 2"})),
+        )
+        .await?;
+    let t = Instant::now();
+    let (s, v) = api.call("POST", &format!("/v1/devboxes/{id}/hibernate"), None).await?;
+    if s != 200 || v["hibernated"] != true {
+        return Err(format!("hibernate failed: {s} {v}"));
+    }
+    let hib = t.elapsed().as_secs_f64() * 1000.0;
+    let t = Instant::now();
+    api.call("POST", &format!("/v1/devboxes/{id}/resume"), None).await?;
+    wait_status(api, &id, "running").await?;
+    let restore = t.elapsed().as_secs_f64() * 1000.0;
+    api.shutdown(&id).await;
+    let l2 = lower.to_path_buf();
+    let s2 = scratch.join("hib-base");
+    let base = tokio::task::spawn_blocking(move || -> Result<f64, String> {
+        let t = Instant::now();
+        let pid = raw_sandbox(&l2, &s2, &["/bin/true"])?;
+        wait_ok(pid)?;
+        Ok(t.elapsed().as_secs_f64() * 1000.0)
+    })
+    .await
+    .map_err(|e| e.to_string())??;
+    println!(
+        "{:<34} {:>8.1} ms | baseline {:<28} {:>8.1} ms | ratio {:.2}x",
+        "hibernate (256 MiB box, disk kept)",
+        hib,
+        "raw sandbox create",
+        base,
+        hib / base
+    );
+    println!(
+        "{:<34} {:>8.1} ms | baseline {:<28} {:>8.1} ms | ratio {:.2}x",
+        "restore from hibernation (reboot)",
+        restore,
+        "raw sandbox create",
+        base,
+        restore / base
+    );
+    Ok(())
+}
+
+/// The box's writable layer on the host (its own disk when disks are enforced).
+fn box_upper(id: &str) -> Option<PathBuf> {
+    let pid = box_init_pid(id)?;
+    let mounts = std::fs::read_to_string(format!("/proc/{pid}/mounts")).ok()?;
+    let opts = mounts.lines().find(|l| l.starts_with("overlay / "))?.split_whitespace().nth(3)?.to_string();
+    opts.split(',').find_map(|o| o.strip_prefix("upperdir=")).map(PathBuf::from)
 }

@@ -132,6 +132,25 @@ impl Manager {
         Ok(())
     }
 
+    /// Hibernate on request (a devboxd extension): suspend if running, then release memory
+    /// and processes, keeping the disk. Answers once done.
+    pub async fn hibernate_now(self: &Arc<Self>, tenant: &str, id: &str) -> Result<crate::model::Devbox> {
+        let entry = self.entry(tenant, id)?;
+        if entry.status() == Status::Running {
+            self.suspend(tenant, id).await?;
+        }
+        let mut rx = entry.status.subscribe();
+        let _ = tokio::time::timeout(Duration::from_secs(65), rx.wait_for(|s| *s != Status::Suspending)).await;
+        if entry.status() != Status::Suspended {
+            return Err(crate::CoreError::Conflict(format!(
+                "cannot hibernate a devbox that is {}",
+                entry.status().as_str()
+            )));
+        }
+        self.hibernate(&entry).await?;
+        Ok(entry.snapshot())
+    }
+
     /// Run the box's entrypoint; its exit shuts the box down.
     pub(super) fn start_entrypoint(&self, entry: &Arc<BoxEntry>) {
         let rec = entry.snapshot();

@@ -10,6 +10,37 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::{Arc, Mutex};
 
+const LOOP_CTL_GET_FREE: libc::c_ulong = 0x4C82;
+const LOOP_CONFIGURE: libc::c_ulong = 0x4C0A;
+const LO_FLAGS_AUTOCLEAR: u32 = 4;
+
+/// `struct loop_info64` of linux/loop.h.
+#[repr(C)]
+struct LoopInfo64 {
+    lo_device: u64,
+    lo_inode: u64,
+    lo_rdevice: u64,
+    lo_offset: u64,
+    lo_sizelimit: u64,
+    lo_number: u32,
+    lo_encrypt_type: u32,
+    lo_encrypt_key_size: u32,
+    lo_flags: u32,
+    lo_file_name: [u8; 64],
+    lo_crypt_name: [u8; 64],
+    lo_encrypt_key: [u8; 32],
+    lo_init: [u64; 2],
+}
+
+/// `struct loop_config` of linux/loop.h.
+#[repr(C)]
+struct LoopConfig {
+    fd: u32,
+    block_size: u32,
+    info: LoopInfo64,
+    reserved: [u64; 8],
+}
+
 /// Formatted images kept ready per size.
 const POOL_PER_SIZE: usize = 2;
 
@@ -78,9 +109,42 @@ impl Disks {
             .arg(img))
     }
 
+    /// Attach `img` to a free loop device (auto-cleared on unmount) and mount it at `at`.
+    /// In-process: spawning mount(8) cost more than the rest of a box's create.
     fn mount(&self, img: &Path, at: &Path) -> Result<()> {
-        // util-linux's loop setup handles the free-device race and autoclear for us.
-        run(Command::new("mount").args(["-t", "ext4", "-o", "loop,discard,noatime"]).arg(img).arg(at))
+        use std::os::fd::AsRawFd;
+        let file = std::fs::OpenOptions::new().read(true).write(true).open(img).map_err(io("open disk image"))?;
+        let ctl = std::fs::File::open("/dev/loop-control").map_err(io("open /dev/loop-control"))?;
+        for _ in 0..16 {
+            // SAFETY: ioctl on an open loop-control fd; returns a device number.
+            let n = unsafe { libc::ioctl(ctl.as_raw_fd(), LOOP_CTL_GET_FREE) };
+            if n < 0 {
+                return Err(RuntimeError::io("find a free loop device", std::io::Error::last_os_error()));
+            }
+            let dev_path = format!("/dev/loop{n}");
+            let dev = match std::fs::OpenOptions::new().read(true).write(true).open(&dev_path) {
+                Ok(d) => d,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue, // node not there yet
+                Err(e) => return Err(RuntimeError::io(format!("open {dev_path}"), e)),
+            };
+            let mut cfg: LoopConfig = unsafe { std::mem::zeroed() };
+            cfg.fd = file.as_raw_fd() as u32;
+            cfg.info.lo_flags = LO_FLAGS_AUTOCLEAR;
+            // SAFETY: LOOP_CONFIGURE with a fully initialised loop_config.
+            let rc = unsafe { libc::ioctl(dev.as_raw_fd(), LOOP_CONFIGURE, &cfg) };
+            if rc < 0 {
+                let e = std::io::Error::last_os_error();
+                if e.raw_os_error() == Some(libc::EBUSY) {
+                    continue; // another attach took this device first
+                }
+                return Err(RuntimeError::io(format!("configure {dev_path}"), e));
+            }
+            let flags = nix::mount::MsFlags::MS_NOATIME;
+            return nix::mount::mount(Some(dev_path.as_str()), at, Some("ext4"), flags, Some("discard"))
+                .map_err(|e| RuntimeError::io(format!("mount {dev_path} on {}", at.display()), e.into()));
+            // `dev` closes here; with autoclear the device lives as long as the mount.
+        }
+        Err(RuntimeError::Unsupported("no free loop device after 16 tries".into()))
     }
 
     fn unmount(&self, at: &Path) -> Result<()> {
@@ -101,10 +165,8 @@ impl Disks {
         let img = self.image(id);
         if !img.exists() {
             self.sizes.lock().unwrap().insert(size, ());
-            let pooled = self.take_pooled(size);
-            match pooled {
-                Some(p) => std::fs::rename(&p, &img).map_err(io("take pooled disk"))?,
-                None => self.format(&img, size)?,
+            if !self.take_pooled(size, &img) {
+                self.format(&img, size)?;
             }
             self.refill();
         }
@@ -128,12 +190,19 @@ impl Disks {
         Some((st.blocks() - st.blocks_free()) as u64 * st.fragment_size() as u64)
     }
 
-    fn take_pooled(&self, size: u64) -> Option<PathBuf> {
+    /// Move a formatted image of `size` to `dest`; false if the pool has none. The rename is
+    /// the claim: of two concurrent creates only one can move a given file.
+    fn take_pooled(&self, size: u64, dest: &Path) -> bool {
         let prefix = format!("{size}-");
-        let rd = std::fs::read_dir(self.dir.join("pool")).ok()?;
-        rd.flatten().map(|e| e.path()).find(|p| {
-            p.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with(&prefix) && n.ends_with(".img"))
-        })
+        let Ok(rd) = std::fs::read_dir(self.dir.join("pool")) else { return false };
+        for p in rd.flatten().map(|e| e.path()) {
+            let ours =
+                p.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with(&prefix) && n.ends_with(".img"));
+            if ours && std::fs::rename(&p, dest).is_ok() {
+                return true;
+            }
+        }
+        false
     }
 
     /// Top the pool up in the background.
