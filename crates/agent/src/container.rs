@@ -28,15 +28,25 @@ pub fn init(boot_path: &str) -> R<()> {
     // by the child itself: if this launcher shared the child's mount namespace, the child's
     // pivot_root would move the launcher's root too, racing its pid file write.
     ctx("unshare pid namespace", unshare(CloneFlags::CLONE_NEWPID))?;
+    // The init says "ready" on this pipe once its socket is bound, so the launcher exits only
+    // when the host can connect at once (or fails at once if setup failed).
+    let (ready_r, ready_w) = ctx("readiness pipe", nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC))?;
     // SAFETY: single-threaded at this point; the child only continues this function.
     match ctx("fork box init", unsafe { fork() })? {
         ForkResult::Parent { child } => {
+            drop(ready_w);
+            let mut byte = [0u8; 1];
+            let n = nix::unistd::read(&ready_r, &mut byte).unwrap_or(0);
+            if n != 1 {
+                return Err("box setup failed (see the lines above)".into());
+            }
             // The host learns the init's pid from this file; the launcher then exits and the
             // box's init lives on, owned by its cgroup rather than by the server process.
             ctx("write pid file", fs::write(&boot.pid_file, child.as_raw().to_string()))?;
             Ok(())
         }
         ForkResult::Child => {
+            drop(ready_r);
             let listener = match build_box(&boot) {
                 Ok(l) => l,
                 Err(e) => {
@@ -44,6 +54,8 @@ pub fn init(boot_path: &str) -> R<()> {
                     std::process::exit(1);
                 }
             };
+            let _ = nix::unistd::write(&ready_w, b"1");
+            drop(ready_w);
             crate::server::run(listener)
         }
     }

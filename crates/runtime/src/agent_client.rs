@@ -78,7 +78,7 @@ impl AgentClient {
                 Err(e) if start.elapsed() >= timeout => return Err(RuntimeError::AgentNotReady(e.to_string())),
                 Err(_) => {
                     tokio::time::sleep(delay).await;
-                    delay = (delay * 2).min(Duration::from_millis(20));
+                    delay = (delay * 2).min(Duration::from_millis(2));
                 }
             }
         }

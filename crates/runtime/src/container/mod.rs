@@ -115,6 +115,7 @@ impl ContainerRuntime {
     }
 
     async fn boot(&self, spec: &BoxSpec) -> Result<Launched> {
+        let t0 = std::time::Instant::now();
         let lower = self.images.rootfs(&spec.image)?;
         let dir = self.box_dir(&spec.id);
         let socket = dir.join("agent.sock");
@@ -131,6 +132,7 @@ impl ContainerRuntime {
                 .await
                 .map_err(|e| RuntimeError::Transport(e.to_string()))??;
         }
+        let t_disk = t0.elapsed();
         let layer = self.layer_root(&spec.id);
         for sub in ["upper", "work"] {
             std::fs::create_dir_all(layer.join(sub)).map_err(io(format!("create {}", layer.join(sub).display())))?;
@@ -153,6 +155,7 @@ impl ContainerRuntime {
             cgroup_procs,
             pid_file: p("init.pid"),
         };
+        let t_cgroup = t0.elapsed();
         let boot_path = dir.join("boot.json");
         std::fs::write(&boot_path, serde_json::to_vec_pretty(&boot).expect("serializable"))
             .map_err(io("write boot file"))?;
@@ -176,6 +179,7 @@ impl ContainerRuntime {
                 self.log_tail(&spec.id)
             )));
         }
+        let t_launch = t0.elapsed();
         let pid: i32 = std::fs::read_to_string(dir.join("init.pid"))
             .map_err(io("read init pid"))?
             .trim()
@@ -189,6 +193,14 @@ impl ContainerRuntime {
                 return Err(RuntimeError::AgentNotReady(format!("{e}; agent log: {tail}")));
             }
         };
+        tracing::debug!(
+            id = %spec.id,
+            disk_us = t_disk.as_micros() as u64,
+            cgroups_us = t_cgroup.as_micros() as u64,
+            launched_us = t_launch.as_micros() as u64,
+            ready_us = t0.elapsed().as_micros() as u64,
+            "box booted"
+        );
         Ok(Launched { state, agent })
     }
 }
