@@ -252,3 +252,56 @@ def test_sigterm_keeps_boxes_by_default_and_on_exit_shutdown_stops_them(private)
     _start(ps)
     info = box.get_info()
     assert info.status == "shutdown" and info.shutdown_reason == "api_shutdown", info
+
+
+def test_disk_full_is_enospc_in_the_box_and_the_host_is_fine(raw, box_factory):
+    box = box_factory.create(
+        launch_parameters={
+            "resource_size_request": "CUSTOM_SIZE",
+            "custom_cpu_cores": 1,
+            "custom_gb_memory": 2,
+            "custom_disk_size": 2,
+        }
+    )
+    neighbour = box_factory.create()
+    host_free_before = os.statvfs("/").f_bavail
+    r = box.cmd.exec("head -c 3G /dev/zero > ~/fill.bin; echo rc=$?; df -k ~ | tail -1")
+    assert "No space left on device" in r.stderr(), (r.stdout(), r.stderr())
+    assert "rc=1" in r.stdout()
+    used_kb = int(r.stdout().split()[-4])
+    assert used_kb <= 2 * 1024 * 1024, r.stdout()
+    # The host lost at most the box's 2 GiB, and the neighbour is unaffected.
+    lost = (host_free_before - os.statvfs("/").f_bavail) * os.statvfs("/").f_frsize
+    assert lost < (2 << 30) + (256 << 20), lost
+    assert _out(neighbour, "head -c 50M /dev/zero > ~/ok.bin && echo fine") == "fine\n"
+    # Freeing space makes the box usable again.
+    assert _out(box, "rm ~/fill.bin && echo again > ~/x && cat ~/x") == "again\n"
+    u = raw.get(f"/v1/devboxes/{box.id}/usage").json()
+    assert u["status"] == "running"
+
+
+def test_oom_kill_is_logged_and_the_box_survives(raw, box_factory):
+    box = box_factory.create(
+        launch_parameters={"resource_size_request": "CUSTOM_SIZE", "custom_cpu_cores": 1, "custom_gb_memory": 1}
+    )
+    r = box.cmd.exec("python3 -c 'b = [bytearray(64 << 20) for _ in range(64)]'")
+    assert r.exit_code == 137, (r.stdout(), r.stderr())
+    deadline = time.monotonic() + 10
+    while True:
+        logs = raw.get(f"/v1/devboxes/{box.id}/logs").json()["logs"]
+        oom = [e for e in logs if "out of memory" in (e.get("message") or "")]
+        if oom or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    assert oom and oom[0]["level"] == "error", logs
+    assert raw.get(f"/v1/devboxes/{box.id}/usage").json()["oom_kills"] >= 1
+    assert _out(box, "echo alive") == "alive\n"
+
+
+def test_a_box_killed_from_outside_is_reported_failed(raw, box_factory):
+    box = box_factory.create()
+    procs = open(f"/sys/fs/cgroup/pids/devboxd/{box.id}/cgroup.procs").read().split()
+    init = min(int(p) for p in procs)
+    os.kill(init, signal.SIGKILL)
+    d = _wait_status(raw, box.id, ["failure"], timeout=30)
+    assert d["failure_reason"] == "execution_failed" and d.get("failure_detail"), d

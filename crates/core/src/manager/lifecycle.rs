@@ -196,6 +196,10 @@ impl Manager {
             }
             self.sample_usage(&entry, now, sample_disk);
             let rec = entry.snapshot();
+            if status == Status::Running && sample_disk && !self.runtime.alive(&rec.id, &rec.runtime_state) {
+                self.box_died(&entry);
+                continue;
+            }
             let Ok(policy) = rec.launch_parameters.policy() else { continue };
             if status == Status::Suspended {
                 if let Some(after) = self.cfg.hibernate_after_ms {
@@ -273,12 +277,53 @@ impl Manager {
         let secs = dt_ms as f64 / 1000.0;
         c.memory_gb_seconds += u.memory_bytes as f64 / (1u64 << 30) as f64 * secs;
         c.disk_gb_seconds += c.disk_bytes as f64 / (1u64 << 30) as f64 * secs;
+        let new_ooms = u.oom_kills.saturating_sub(c.oom_kills);
         c.oom_kills = c.oom_kills.max(u.oom_kills);
+        let limit_gib = r.limits.memory_bytes as f64 / (1u64 << 30) as f64;
         drop(r);
+        if new_ooms > 0 {
+            self.log(
+                &id,
+                "exec",
+                "error",
+                Some(format!(
+                    "out of memory: the kernel killed {new_ooms} process(es) of this devbox at its {limit_gib} GiB limit; \
+                     use a larger resource_size_request or custom_gb_memory"
+                )),
+                None,
+                None,
+            );
+        }
         // Persist now and then; a crash loses at most this much accounting.
         if now % 30_000 < TICK.as_millis() as i64 {
             self.persist(&entry.snapshot());
         }
+    }
+
+    /// The box's processes vanished under us (killed from outside, or its init crashed).
+    fn box_died(&self, entry: &Arc<BoxEntry>) {
+        let rec = entry.snapshot();
+        let reason = if rec.usage.oom_kills > 0 {
+            "out_of_memory"
+        } else if rec.usage.disk_bytes > 0 && rec.usage.disk_bytes >= rec.limits.disk_bytes / 100 * 98 {
+            "out_of_disk"
+        } else {
+            "execution_failed"
+        };
+        tracing::warn!(id = %rec.id, reason, "devbox processes are gone");
+        entry.rec.lock().unwrap().failure_detail = Some("the devbox's init process died".into());
+        *entry.agent.lock().unwrap() = None;
+        for exec in entry.execs.lock().unwrap().values() {
+            if exec.status() != ExecStatus::Completed {
+                exec.stderr.push(b"devboxd: the devbox died while the command ran\n");
+                self.finish_exec(&rec.id, exec, 137, None, "exec");
+            }
+        }
+        self.transition(entry, Status::Failure, Some(reason.to_string()));
+        let (rt, id, state) = (self.runtime.clone(), rec.id.clone(), rec.runtime_state.clone());
+        tokio::spawn(async move {
+            let _ = rt.destroy(&id, &state).await;
+        });
     }
 
     /// Persist usage counters (called periodically and at exit).
