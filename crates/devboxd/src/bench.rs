@@ -368,6 +368,7 @@ pub async fn run(a: BenchArgs) -> Result<(), String> {
         );
     }
     executions_and_streaming(&api).await?;
+    pty_echo(&api).await?;
     lifecycle(&api, &lower, &scratch).await?;
     let _ = std::fs::remove_dir_all(&scratch);
     Ok(())
@@ -524,6 +525,97 @@ async fn wait_status(api: &Api, id: &str, status: &str) -> Result<(), String> {
     Err(format!("{id} never became {status}"))
 }
 
+/// Keystroke echo through the PTY tunnel (WebSocket -> devboxd -> agent -> bash readline and
+/// back), against bash readline on a local pty.
+async fn pty_echo(api: &std::sync::Arc<Api>) -> Result<(), String> {
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::{client::IntoClientRequest, Message};
+    const N: usize = 100;
+    let id = api.create_running().await?;
+    let (s, t) = api.call("POST", &format!("/v1/devboxes/{id}/create_pty_tunnel"), None).await?;
+    let token = t["auth_token"].as_str().ok_or(format!("create_pty_tunnel: {s} {t}"))?.to_string();
+    let req = hyper::Request::builder()
+        .uri(format!("{}/pty/bench?cols=200&rows=50", api.url))
+        .header("authorization", format!("Bearer {token}"))
+        .body(Full::new(Bytes::new()))
+        .map_err(|e| e.to_string())?;
+    let resp = api.client.request(req).await.map_err(|e| e.to_string())?;
+    let info: Value = serde_json::from_slice(&resp.into_body().collect().await.map_err(|e| e.to_string())?.to_bytes())
+        .unwrap_or_default();
+    let connect = info["connect_url"].as_str().ok_or(format!("GET /pty: {info}"))?;
+    let url = format!("ws://{}{connect}", api.url.trim_start_matches("http://"));
+    let mut wreq = url.as_str().into_client_request().map_err(|e| e.to_string())?;
+    wreq.headers_mut().insert("authorization", format!("Bearer {token}").parse().expect("header value"));
+    let (ws, _) = tokio_tungstenite::connect_async(wreq).await.map_err(|e| format!("attach: {e}"))?;
+    let (mut tx, mut rx) = ws.split();
+    // Let the prompt arrive, then time one keystroke at a time.
+    while let Ok(Some(_)) = tokio::time::timeout(Duration::from_millis(500), rx.next()).await {}
+    let mut ours = vec![];
+    for _ in 0..N {
+        let t = Instant::now();
+        tx.send(Message::Binary(Bytes::from_static(b"x"))).await.map_err(|e| e.to_string())?;
+        loop {
+            match tokio::time::timeout(Duration::from_secs(5), rx.next()).await {
+                Ok(Some(Ok(Message::Binary(b)))) if b.contains(&b'x') => break,
+                Ok(Some(Ok(_))) => continue,
+                other => return Err(format!("no echo: {other:?}")),
+            }
+        }
+        ours.push(t.elapsed().as_secs_f64() * 1000.0);
+    }
+    let _ = tx.send(Message::Binary(Bytes::from_static(b"\x15exit\r"))).await;
+    api.shutdown(&id).await;
+    let base = tokio::task::spawn_blocking(local_pty_echo).await.map_err(|e| e.to_string())??;
+    row("PTY keystroke echo", summary(ours), "bash readline on a local pty", summary(base), "ms");
+    Ok(())
+}
+
+fn local_pty_echo() -> Result<Vec<f64>, String> {
+    use std::io::{Read, Write};
+    use std::os::fd::AsRawFd;
+    use std::os::unix::process::CommandExt;
+    let pty = nix::pty::openpty(None, None).map_err(|e| e.to_string())?;
+    let slave = pty.slave.as_raw_fd();
+    let mut cmd = std::process::Command::new("bash");
+    cmd.args(["--norc", "--noprofile", "-i"]).env("TERM", "xterm").env("PS1", "$ ");
+    // SAFETY: only async-signal-safe calls between fork and exec.
+    unsafe {
+        cmd.pre_exec(move || {
+            libc::setsid();
+            libc::ioctl(slave, libc::TIOCSCTTY, 0);
+            for fd in 0..3 {
+                libc::dup2(slave, fd);
+            }
+            Ok(())
+        });
+    }
+    let mut child = cmd.spawn().map_err(|e| format!("bash: {e}"))?;
+    let mut master = std::fs::File::from(pty.master);
+    drop(pty.slave);
+    let mut buf = [0u8; 4096];
+    std::thread::sleep(Duration::from_millis(300));
+    nix::fcntl::fcntl(&master, nix::fcntl::FcntlArg::F_SETFL(nix::fcntl::OFlag::O_NONBLOCK))
+        .map_err(|e| e.to_string())?;
+    while master.read(&mut buf).is_ok() {}
+    nix::fcntl::fcntl(&master, nix::fcntl::FcntlArg::F_SETFL(nix::fcntl::OFlag::empty())).map_err(|e| e.to_string())?;
+    let mut v = vec![];
+    for _ in 0..100 {
+        let t = Instant::now();
+        master.write_all(b"x").map_err(|e| e.to_string())?;
+        loop {
+            let n = master.read(&mut buf).map_err(|e| e.to_string())?;
+            if buf[..n].contains(&b'x') {
+                break;
+            }
+        }
+        v.push(t.elapsed().as_secs_f64() * 1000.0);
+    }
+    let _ = master.write_all(b"\x15exit\r");
+    let _ = child.kill();
+    let _ = child.wait();
+    Ok(v)
+}
+
 /// Suspend/resume, snapshots, create from snapshot, hibernate/restore.
 async fn lifecycle(api: &std::sync::Arc<Api>, lower: &Path, scratch: &Path) -> Result<(), String> {
     let id = api.create_running().await?;
@@ -634,14 +726,8 @@ async fn lifecycle(api: &std::sync::Arc<Api>, lower: &Path, scratch: &Path) -> R
     api.shutdown(&id).await;
     let l2 = lower.to_path_buf();
     let s2 = scratch.join("hib-base");
-    let base = tokio::task::spawn_blocking(move || -> Result<f64, String> {
-        let t = Instant::now();
-        let pid = raw_sandbox(&l2, &s2, &["/bin/true"])?;
-        wait_ok(pid)?;
-        Ok(t.elapsed().as_secs_f64() * 1000.0)
-    })
-    .await
-    .map_err(|e| e.to_string())??;
+    let base = tokio::task::spawn_blocking(move || raw_creates(&l2, &s2, 10)).await.map_err(|e| e.to_string())??;
+    let base = summary(base).0;
     println!(
         "{:<34} {:>8.1} ms | baseline {:<28} {:>8.1} ms | ratio {:.2}x",
         "hibernate (256 MiB box, disk kept)",
