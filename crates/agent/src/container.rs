@@ -80,19 +80,22 @@ fn build_box(boot: &ContainerBoot) -> R<UnixListener> {
     let opts = format!("lowerdir={},upperdir={},workdir={}", boot.lower_dirs.join(":"), boot.upper_dir, boot.work_dir);
     ctx("mount overlay root", mount(Some("overlay"), root, Some("overlay"), MsFlags::empty(), Some(opts.as_str())))?;
 
+    // Until the pivot, paths resolve through the host's tree, and the box's own layers (kept
+    // disks, snapshots) are box-controlled: the mount points must be real directories, never
+    // symlinks (no box process runs yet, so checking then acting cannot race).
     let nosuid_nodev_noexec = MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC;
     let p = |rel: &str| root.join(rel);
-    mkdir(&p("proc"))?;
+    real_dir(&p("proc"))?;
     ctx("mount /proc", mount(Some("proc"), &p("proc"), Some("proc"), nosuid_nodev_noexec, None::<&str>))?;
-    mkdir(&p("sys"))?;
+    real_dir(&p("sys"))?;
     ctx(
         "mount /sys",
         mount(Some("sysfs"), &p("sys"), Some("sysfs"), nosuid_nodev_noexec | MsFlags::MS_RDONLY, None::<&str>),
     )?;
+    real_dir(&p("dev"))?;
     build_dev(root)?;
-    mkdir(&p("tmp"))?;
+    real_dir(&p("tmp"))?;
     mask_proc(root)?;
-    write_hosts(root, &boot.hostname)?;
 
     // Bound while the host path is still visible; the box never sees this socket.
     let _ = fs::remove_file(&boot.socket_path);
@@ -102,10 +105,31 @@ fn build_box(boot: &ContainerBoot) -> R<UnixListener> {
     ctx("pivot_root", pivot_root(".", "."))?;
     ctx("detach old root", umount2(".", MntFlags::MNT_DETACH))?;
     ctx("chdir /", chdir("/"))?;
+    // Only now, when every path resolves inside the box, may box-controlled files be written.
+    write_hosts(Path::new("/"), &boot.hostname)?;
     ctx("set hostname", sethostname(&boot.hostname))?;
     loopback_up()?;
+    // Before the capabilities go: lowering oom_score_adj needs CAP_SYS_RESOURCE. The OOM
+    // killer should pick a runaway process in the box, never the box's init.
+    let _ = fs::write("/proc/self/oom_score_adj", "-1000");
+    // Not dumpable: box root cannot open /proc/1/fd (the host-side log), /proc/1/environ or
+    // /proc/1/mem of the agent. Children are dumpable again after their exec.
+    // SAFETY: prctl(PR_SET_DUMPABLE, 0) has no memory effects.
+    unsafe { libc::prctl(libc::PR_SET_DUMPABLE, 0, 0, 0, 0) };
     crate::harden::apply()?;
     Ok(listener)
+}
+
+/// `p` as a plain directory: a symlink or file the box left there is removed first.
+fn real_dir(p: &Path) -> R<()> {
+    match fs::symlink_metadata(p) {
+        Ok(m) if m.is_dir() => Ok(()),
+        Ok(_) => {
+            ctx(&format!("remove {}", p.display()), fs::remove_file(p))?;
+            ctx(&format!("mkdir {}", p.display()), fs::create_dir(p))
+        }
+        Err(_) => ctx(&format!("mkdir {}", p.display()), fs::create_dir(p)),
+    }
 }
 
 fn mkdir(p: &Path) -> R<()> {
@@ -209,18 +233,21 @@ fn mask_proc(root: &Path) -> R<()> {
     Ok(())
 }
 
-/// The hostname must resolve inside the box (sudo complains on stderr otherwise).
+/// The hostname must resolve inside the box (sudo complains on stderr otherwise). Runs after
+/// the pivot: a symlink in the box's /etc can only point inside the box.
 fn write_hosts(root: &Path, hostname: &str) -> R<()> {
     let etc = root.join("etc");
-    mkdir(&etc)?;
-    ctx(
-        "write /etc/hosts",
-        fs::write(
-            etc.join("hosts"),
-            format!("127.0.0.1\tlocalhost\n127.0.1.1\t{hostname}\n::1\tlocalhost ip6-localhost ip6-loopback\n"),
-        ),
-    )?;
-    ctx("write /etc/hostname", fs::write(etc.join("hostname"), format!("{hostname}\n")))
+    real_dir(&etc)?;
+    let hosts = format!("127.0.0.1\tlocalhost\n127.0.1.1\t{hostname}\n::1\tlocalhost ip6-localhost ip6-loopback\n");
+    for (name, content) in [("hosts", hosts), ("hostname", format!("{hostname}\n"))] {
+        let path = etc.join(name);
+        // Replace whatever the box left there (a symlink would be followed by a write).
+        if fs::symlink_metadata(&path).is_ok_and(|m| !m.is_file()) {
+            let _ = fs::remove_file(&path);
+        }
+        ctx(&format!("write /etc/{name}"), fs::write(&path, content))?;
+    }
+    Ok(())
 }
 
 /// A new network namespace starts with `lo` down; local servers in the box need it up.

@@ -17,7 +17,24 @@ fn err(e: std::io::Error, what: &str) -> AgentError {
         std::io::ErrorKind::PermissionDenied => ErrorKind::PermissionDenied,
         std::io::ErrorKind::IsADirectory => ErrorKind::IsADirectory,
         _ if e.raw_os_error() == Some(libc::ENOSPC) || e.raw_os_error() == Some(libc::EDQUOT) => ErrorKind::NoSpace,
-        _ if e.raw_os_error() == Some(libc::ENOTDIR) => ErrorKind::BadRequest,
+        _ if matches!(
+            e.raw_os_error(),
+            Some(
+                libc::ENOTDIR
+                    | libc::EROFS
+                    | libc::ELOOP
+                    | libc::ENAMETOOLONG
+                    | libc::EINVAL
+                    | libc::ETXTBSY
+                    | libc::EEXIST
+                    | libc::EISDIR
+                    | libc::EACCES
+                    | libc::EPERM
+            )
+        ) =>
+        {
+            ErrorKind::BadRequest
+        }
         _ => ErrorKind::Io,
     };
     AgentError { kind, message: format!("{what}: {e}") }

@@ -112,10 +112,29 @@ fn install(prog: &BpfProgram) -> Result<(), String> {
     Ok(())
 }
 
+/// x86_64 processes can call the x32 ABI by setting bit 30 of the syscall number; those calls
+/// would pass a filter keyed on x86_64 numbers. Refuse them outright.
+fn x32_filter() -> BpfProgram {
+    const BPF_LD_W_ABS: u16 = 0x20;
+    const BPF_JSET_K: u16 = 0x45;
+    const BPF_RET_K: u16 = 0x06;
+    const SECCOMP_RET_ALLOW: u32 = 0x7fff_0000;
+    const SECCOMP_RET_ERRNO: u32 = 0x0005_0000;
+    let f = |code, jt, jf, k| seccompiler::sock_filter { code, jt, jf, k };
+    vec![
+        f(BPF_LD_W_ABS, 0, 0, 0), // seccomp_data.nr
+        f(BPF_JSET_K, 0, 1, 0x4000_0000),
+        f(BPF_RET_K, 0, 0, SECCOMP_RET_ERRNO | libc::ENOSYS as u32),
+        f(BPF_RET_K, 0, 0, SECCOMP_RET_ALLOW),
+    ]
+}
+
 pub fn apply() -> Result<(), String> {
     let (deny, clone3) = programs()?;
     install(&deny)?;
     install(&clone3)?;
+    #[cfg(target_arch = "x86_64")]
+    install(&x32_filter())?;
     let keep: HashSet<Capability> = KEPT_CAPS.iter().copied().collect();
     for cap in caps::all() {
         // Capabilities this kernel does not know are not in the bounding set to begin with.

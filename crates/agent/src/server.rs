@@ -18,8 +18,6 @@ type Body = BoxBody<Bytes, BodyError>;
 const MAX_CONTROL_BODY: usize = 1 << 20;
 
 pub fn run(listener: StdUnixListener) -> Result<(), String> {
-    // The OOM killer should pick a runaway process in the box, never the box's init.
-    let _ = std::fs::write("/proc/self/oom_score_adj", "-1000");
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()

@@ -20,7 +20,11 @@ fn requests() -> &'static Mutex<BTreeMap<Key, Histogram>> {
 
 /// Time every routed request by method, route template and status.
 pub async fn track(req: Request, next: Next) -> Response {
-    let method = req.method().to_string();
+    // Unknown methods collapse into one label: clients must not grow this map at will.
+    let method = match req.method().as_str() {
+        m @ ("GET" | "POST" | "PUT" | "DELETE" | "PATCH" | "HEAD" | "OPTIONS") => m.to_string(),
+        _ => "OTHER".to_string(),
+    };
     let route =
         req.extensions().get::<MatchedPath>().map(|m| m.as_str().to_string()).unwrap_or_else(|| "unmatched".into());
     let start = Instant::now();
@@ -44,7 +48,7 @@ fn meminfo(field: &str) -> Option<u64> {
 
 fn disk_free(path: &std::path::Path) -> Option<u64> {
     let st = nix::sys::statvfs::statvfs(path).ok()?;
-    Some(st.blocks_available() as u64 * st.fragment_size() as u64)
+    Some(st.blocks_available() * st.fragment_size())
 }
 
 pub async fn render(st: AppState) -> Response {

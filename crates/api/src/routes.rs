@@ -26,6 +26,8 @@ type R = Result<Response, ApiError>;
 
 const DEVBOX_HOLD_MAX: f64 = 30.0;
 const EXEC_HOLD_MAX: f64 = 25.0;
+/// execute_sync answers by then (the SDK's read timeout for it is 600 s).
+const EXECUTE_SYNC_MAX: Duration = Duration::from_secs(590);
 /// How long one SSE connection is held before it ends with a 408 event (clients reconnect).
 const STREAM_HOLD: Duration = Duration::from_secs(25);
 
@@ -377,8 +379,14 @@ async fn execute_sync(
     let mut p = params(&b)?;
     p.attach_stdin = false;
     let exec = st.manager.exec(&t.0, &id, p)?;
-    let mut rx = exec.subscribe();
-    let _ = rx.wait_for(|s| *s == ExecStatus::Completed).await;
+    if !exec.wait_for(&[ExecStatus::Completed], EXECUTE_SYNC_MAX).await {
+        return Err(ApiError::TimedOut(format!(
+            "execution {} is still running after {} s: follow it with GET …/executions/{}, or use execute_async",
+            exec.id,
+            EXECUTE_SYNC_MAX.as_secs(),
+            exec.id
+        )));
+    }
     let mut v = json!({
         "devbox_id": id,
         "exit_status": exec.exit_status(),
@@ -551,7 +559,8 @@ fn sse(exec: Arc<Execution>, q: OffsetQuery, stdout: bool) -> R {
                 // Never split a character across events; only bytes that can never complete
                 // (output ended, or garbage) go out as they are.
                 let mut take = utf8_prefix(&bytes);
-                if take == 0 && (finished || bytes.len() >= 4) {
+                let at_end = start + bytes.len() as u64 >= buf.total();
+                if take == 0 && ((finished && at_end) || bytes.len() >= 4) {
                     take = bytes.len();
                 }
                 if take > 0 {
@@ -597,10 +606,10 @@ async fn read_file_contents(
     Path(id): Path<String>,
     Json(b): Json<ReadBody>,
 ) -> R {
-    let (size, stream) = st.manager.read_file(&t.0, &id, &b.file_path).await?;
+    // No Content-Length: /proc files report size 0 and files change while streamed.
+    let (_size, stream) = st.manager.read_file(&t.0, &id, &b.file_path).await?;
     Ok(Response::builder()
         .header(header::CONTENT_TYPE, "text/plain; charset=utf-8")
-        .header(header::CONTENT_LENGTH, size)
         .body(Body::from_stream(stream))
         .expect("valid response"))
 }
@@ -633,10 +642,9 @@ async fn download_file(
     Path(id): Path<String>,
     Json(b): Json<DownloadBody>,
 ) -> R {
-    let (size, stream) = st.manager.read_file(&t.0, &id, &b.path).await?;
+    let (_size, stream) = st.manager.read_file(&t.0, &id, &b.path).await?;
     Ok(Response::builder()
         .header(header::CONTENT_TYPE, "application/octet-stream")
-        .header(header::CONTENT_LENGTH, size)
         .body(Body::from_stream(stream))
         .expect("valid response"))
 }

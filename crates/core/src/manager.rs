@@ -29,6 +29,12 @@ pub struct ManagerConfig {
 
 /// Log entries kept and returned per devbox.
 const LOG_LIMIT: usize = 10_000;
+/// Creates are refused below this much free space on the data filesystem.
+const MIN_FREE_DISK: u64 = 1 << 30;
+/// Longest command accepted (bytes).
+pub const MAX_COMMAND: usize = 128 << 10;
+/// Executions a box keeps queryable; the oldest completed ones are forgotten beyond this.
+const MAX_EXECS_PER_BOX: usize = 1000;
 
 struct BoxEntry {
     rec: Mutex<Devbox>,
@@ -36,14 +42,17 @@ struct BoxEntry {
     agent: Mutex<Option<AgentClient>>,
     execs: Mutex<HashMap<String, Arc<Execution>>>,
     command_ids: Mutex<HashMap<String, String>>,
-    /// Named shells: commands of one shell run one after another.
-    shells: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    /// Named shells: the completion signal of each shell's last submitted command. The next
+    /// command waits on it, so commands run one after another in submission order.
+    shells: Mutex<HashMap<String, tokio::sync::oneshot::Receiver<()>>>,
     /// Serializes lifecycle transitions (boot, shutdown, suspend, resume) of this box.
     lifecycle: Arc<tokio::sync::Mutex<()>>,
     /// Last API activity (ms), for idle policies.
     last_activity: std::sync::atomic::AtomicI64,
     /// The suspend command currently running, killed at the suspend deadline.
     hook: Mutex<Option<Arc<Execution>>>,
+    /// Set when a shutdown begins: a boot in progress gives up instead of holding it up.
+    stopping: std::sync::atomic::AtomicBool,
 }
 
 impl BoxEntry {
@@ -134,6 +143,7 @@ impl Manager {
                 lifecycle: Arc::new(tokio::sync::Mutex::new(())),
                 last_activity: std::sync::atomic::AtomicI64::new(now_ms()),
                 hook: Mutex::new(None),
+                stopping: Default::default(),
             });
             if let Some(rid) = &rec.request_id {
                 m.request_ids.lock().unwrap().insert((rec.tenant.clone(), rid.clone()), rec.id.clone());
@@ -153,7 +163,13 @@ impl Manager {
     async fn recover(self: &Arc<Self>, entry: &Arc<BoxEntry>) {
         let rec = entry.snapshot();
         if rec.hibernated {
-            return; // nothing runs; it boots again on resume
+            // Nothing runs; it boots again on resume. A resume the previous server did not
+            // finish is undone: stop what it may have started, back to suspended.
+            if rec.status != Status::Suspended {
+                let _ = self.runtime.stop(&rec.id, &rec.runtime_state).await;
+                self.transition(entry, Status::Suspended, None);
+            }
+            return;
         }
         let (id, state) = (rec.id.clone(), rec.runtime_state.clone());
         let attached = match rec.status {
@@ -191,6 +207,22 @@ impl Manager {
         }
     }
 
+    /// Refuse new boxes when the data filesystem is nearly full: running boxes' sparse disks,
+    /// snapshots and the store need the room more.
+    fn admit(&self) -> Result<()> {
+        let Some(dir) = &self.cfg.data_dir else { return Ok(()) };
+        if let Ok(st) = nix::sys::statvfs::statvfs(dir.as_path()) {
+            let free = st.blocks_available() * st.fragment_size();
+            if free < MIN_FREE_DISK {
+                return Err(CoreError::NoSpace(format!(
+                    "the server's disk is nearly full ({} MiB free): shut down devboxes or delete snapshots",
+                    free >> 20
+                )));
+            }
+        }
+        Ok(())
+    }
+
     fn next_seq(&self) -> i64 {
         let mut s = self.seq.lock().unwrap();
         *s += 1;
@@ -214,8 +246,15 @@ impl Manager {
     }
 
     fn fail(&self, entry: &BoxEntry, detail: &str) {
-        entry.rec.lock().unwrap().failure_detail = Some(detail.to_string());
+        let id = {
+            let mut r = entry.rec.lock().unwrap();
+            r.failure_detail = Some(detail.to_string());
+            r.id.clone()
+        };
         self.transition(entry, Status::Failure, Some("execution_failed".into()));
+        if let Some(dir) = self.exec_dir(&id) {
+            let _ = std::fs::remove_dir_all(dir);
+        }
     }
 
     fn entry(&self, tenant: &str, id: &str) -> Result<Arc<BoxEntry>> {
@@ -253,9 +292,11 @@ impl Manager {
 
     /// Create a devbox and start booting it. A repeated `request_id` returns the first box.
     pub fn create(self: &Arc<Self>, tenant: &str, req: CreateDevbox, request_id: Option<String>) -> Result<Devbox> {
+        // Held for the whole create: two concurrent retries of one request make one box.
+        let mut request_ids = self.request_ids.lock().unwrap();
         if let Some(rid) = &request_id {
-            let existing = self.request_ids.lock().unwrap().get(&(tenant.to_string(), rid.clone())).cloned();
-            if let Some(id) = existing {
+            if let Some(id) = request_ids.get(&(tenant.to_string(), rid.clone())).cloned() {
+                drop(request_ids);
                 return self.get(tenant, &id);
             }
         }
@@ -269,6 +310,7 @@ impl Manager {
         let lp = req.launch_parameters.clone().unwrap_or_default();
         let limits = lp.limits()?;
         lp.policy()?;
+        self.admit()?;
         let user = match &lp.user_parameters {
             Some(u) => {
                 if u.username.is_empty()
@@ -333,11 +375,13 @@ impl Manager {
             lifecycle: Arc::new(tokio::sync::Mutex::new(())),
             last_activity: std::sync::atomic::AtomicI64::new(now_ms()),
             hook: Mutex::new(None),
+            stopping: Default::default(),
         });
         self.boxes.write().unwrap().insert(id.clone(), entry.clone());
         if let Some(rid) = request_id {
-            self.request_ids.lock().unwrap().insert((tenant.to_string(), rid), id.clone());
+            request_ids.insert((tenant.to_string(), rid), id.clone());
         }
+        drop(request_ids);
         let me = self.clone();
         tokio::spawn(async move { me.boot(entry).await });
         Ok(rec)
@@ -356,6 +400,8 @@ impl Manager {
                 tracing::info!(id = %entry.rec.lock().unwrap().id, "devbox running");
                 self.start_entrypoint(&entry);
             }
+            // A shutdown interrupted the boot: it records the outcome.
+            Err(_) if entry.stopping.load(std::sync::atomic::Ordering::SeqCst) => {}
             Err(detail) => self.fail(&entry, &detail),
         }
     }
@@ -397,8 +443,10 @@ impl Manager {
             Err(detail)
         };
         let setup = SetupRequest { user: rec.user.spec(), sudo: true };
-        if let Err(e) = launched.agent.setup(&setup).await {
-            return release(format!("user setup failed: {e}")).await;
+        match tokio::time::timeout(Duration::from_secs(30), launched.agent.setup(&setup)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => return release(format!("user setup failed: {e}")).await,
+            Err(_) => return release("user setup did not finish in 30 s".into()).await,
         }
         for (i, cmd) in rec.launch_parameters.launch_commands.iter().flatten().enumerate() {
             let exec = Arc::new(Execution::new(&self.new_exec_record(&rec.id, cmd, None, false, None), None));
@@ -495,6 +543,15 @@ impl Manager {
             return Err(CoreError::Conflict(format!(
                 "devbox {id} has a snapshot in progress: wait for it, or shut down with force=true"
             )));
+        }
+        entry.stopping.store(true, std::sync::atomic::Ordering::SeqCst);
+        // A boot (launch commands can run for ever) holds the lifecycle lock: end the box's
+        // processes first so the boot returns, then take the lock.
+        if matches!(entry.status(), Status::Provisioning | Status::Initializing | Status::Resuming) {
+            let state = entry.rec.lock().unwrap().runtime_state.clone();
+            if !state.is_null() {
+                let _ = self.runtime.stop(id, &state).await;
+            }
         }
         let _guard = entry.lifecycle.lock().await;
         if entry.status().is_terminal() {
@@ -703,29 +760,53 @@ impl Manager {
                 return Err(CoreError::BadRequest("shell_name must be 1-64 letters, digits, '.', '_' or '-'".into()));
             }
         }
+        if p.command.len() > MAX_COMMAND {
+            return Err(CoreError::BadRequest(format!(
+                "command is {} bytes; the limit is {MAX_COMMAND}: write a script with write_file_contents and run it",
+                p.command.len()
+            )));
+        }
         let agent = self.running_agent(&entry)?;
         let rec = self.new_exec_record(id, &p.command, p.shell_name.clone(), p.attach_stdin, p.command_id.clone());
         self.store.put_execution(&rec)?;
         let dir = self.exec_dir(id);
         if let Some(d) = &dir {
-            std::fs::create_dir_all(d).map_err(|e| CoreError::BadRequest(format!("cannot create output dir: {e}")))?;
+            std::fs::create_dir_all(d)
+                .map_err(|e| CoreError::Runtime(devbox_runtime::RuntimeError::io("create execution output dir", e)))?;
         }
         let exec = Arc::new(Execution::new(&rec, dir.as_deref()));
         self.executions_total.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        entry.execs.lock().unwrap().insert(exec.id.clone(), exec.clone());
+        {
+            let mut execs = entry.execs.lock().unwrap();
+            // Bound what a box keeps in memory: forget the oldest completed executions.
+            if execs.len() >= MAX_EXECS_PER_BOX {
+                let mut done: Vec<(i64, String)> = execs
+                    .values()
+                    .filter(|e| e.status() == ExecStatus::Completed)
+                    .map(|e| (e.create_time_ms, e.id.clone()))
+                    .collect();
+                done.sort();
+                for (_, old) in done.into_iter().take(execs.len() + 1 - MAX_EXECS_PER_BOX) {
+                    execs.remove(&old);
+                }
+            }
+            execs.insert(exec.id.clone(), exec.clone());
+        }
         if let Some(cid) = p.command_id {
             entry.command_ids.lock().unwrap().insert(cid, exec.id.clone());
         }
         self.log(id, "exec", "info", None, Some(&exec), None);
-        let shell = p.shell_name.map(|n| entry.shells.lock().unwrap().entry(n).or_default().clone());
+        // Take a place in the shell's queue now, in submission order (a spawned task would
+        // reach a lock in whatever order the scheduler runs it).
+        let (done_tx, done_rx) = tokio::sync::oneshot::channel::<()>();
+        let before = p.shell_name.and_then(|n| entry.shells.lock().unwrap().insert(n, done_rx));
         let (me, e2, x2) = (self.clone(), entry.clone(), exec.clone());
         tokio::spawn(async move {
-            // Commands of one named shell run one after another, in submission order.
-            let _turn = match shell {
-                Some(lock) => Some(lock.lock_owned().await),
-                None => None,
-            };
-            me.run_exec(&e2, &agent, x2, "exec", true).await
+            if let Some(before) = before {
+                let _ = before.await; // Ok or dropped: the previous command is done either way
+            }
+            me.run_exec(&e2, &agent, x2, "exec", true).await;
+            drop(done_tx);
         });
         Ok(exec)
     }
@@ -903,7 +984,11 @@ impl Manager {
         let entry = self.entry(tenant, id)?;
         let agent = self.running_agent(&entry)?;
         if !exec.started() {
-            return Err(CoreError::Conflict("execution has not started yet: retry in a moment".into()));
+            // Clients send input right after starting the command: give it a moment to start.
+            exec.wait_for(&[ExecStatus::Running, ExecStatus::Completed], Duration::from_secs(10)).await;
+            if !exec.started() {
+                return Err(CoreError::Conflict("execution has not started yet (queued): retry later".into()));
+            }
         }
         let aid = exec.id.clone();
         match signal {

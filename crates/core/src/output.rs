@@ -12,6 +12,8 @@ use tokio::sync::watch;
 
 /// Tail kept in memory per stream.
 pub const OUTPUT_MEMORY_CAP: usize = 4 << 20;
+/// Tail kept in memory once a file-backed stream is finished.
+pub const FINISHED_TAIL: usize = 64 << 10;
 /// Bytes kept on disk per stream; beyond it output is dropped and reported truncated.
 pub const OUTPUT_DISK_CAP: u64 = 1 << 30;
 
@@ -127,7 +129,18 @@ impl OutputBuf {
         self.inner.lock().unwrap().lossy = true;
     }
 
+    /// The stream is complete. A file-backed stream then keeps only a small tail in memory:
+    /// finished executions pile up, and everything is on disk anyway.
     pub fn finish(&self) {
+        {
+            let mut g = self.inner.lock().unwrap();
+            if g.file.is_some() && g.data.len() > FINISHED_TAIL {
+                let drop = g.data.len() - FINISHED_TAIL;
+                g.data.drain(..drop);
+                g.base += drop as u64;
+                g.data.shrink_to_fit();
+            }
+        }
         self.tick.send_modify(|t| t.1 = true);
     }
 
@@ -144,8 +157,10 @@ impl OutputBuf {
     pub fn read_from(&self, offset: u64, max: usize) -> (u64, Vec<u8>) {
         let g = self.inner.lock().unwrap();
         if offset < g.base {
+            // The file holds everything up to file_len: read across the memory boundary so a
+            // read does not end mid-character just because the tail starts there.
             if let Some(f) = g.file.as_ref().filter(|_| offset < g.file_len) {
-                let n = ((g.file_len.min(g.base) - offset) as usize).min(max);
+                let n = ((g.file_len - offset) as usize).min(max);
                 let mut buf = vec![0u8; n];
                 if f.read_exact_at(&mut buf, offset).is_ok() {
                     return (offset, buf);

@@ -188,17 +188,28 @@ async fn serve(a: ServeArgs) -> Result<(), String> {
     });
     let listener = tokio::net::TcpListener::bind(a.listen).await.map_err(|e| format!("listen on {}: {e}", a.listen))?;
     tracing::info!(listen = %a.listen, data_dir = %data.display(), tenants = keys.len(), "devboxd serving");
-    axum::serve(listener, app)
-        .with_graceful_shutdown(async {
-            let mut term =
-                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler");
-            tokio::select! {
-                _ = term.recv() => {},
-                _ = tokio::signal::ctrl_c() => {},
-            }
-        })
-        .await
-        .map_err(|e| format!("server: {e}"))?;
+    let (stopping_tx, stopping_rx) = tokio::sync::oneshot::channel::<()>();
+    let server = axum::serve(listener, app).with_graceful_shutdown(async move {
+        let mut term =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler");
+        tokio::select! {
+            _ = term.recv() => {},
+            _ = tokio::signal::ctrl_c() => {},
+        }
+        let _ = stopping_tx.send(());
+    });
+    // Long polls and streams may hold requests open; they get a few seconds, not forever.
+    let grace = async {
+        if stopping_rx.await.is_ok() {
+            tokio::time::sleep(std::time::Duration::from_secs(5)).await;
+        } else {
+            std::future::pending::<()>().await;
+        }
+    };
+    tokio::select! {
+        r = server => r.map_err(|e| format!("server: {e}"))?,
+        _ = grace => tracing::warn!("requests still open 5 s after the signal were cut"),
+    }
     let mode = match a.on_exit {
         OnExit::Keep => {
             tracing::info!("shutting down; devboxes keep running and are reattached on the next start");

@@ -11,7 +11,7 @@ use devbox_protocol::{
 };
 use futures_util::{Stream, StreamExt, TryStreamExt};
 use http_body_util::combinators::UnsyncBoxBody;
-use http_body_util::{BodyDataStream, BodyExt, Full, StreamBody};
+use http_body_util::{BodyDataStream, BodyExt, Full, Limited, StreamBody};
 use hyper::body::Incoming;
 use hyper::client::conn::http2::SendRequest;
 use hyper::{Method, Request, Response};
@@ -22,6 +22,11 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 type Body = UnsyncBoxBody<Bytes, BodyError>;
+/// Largest JSON answer or error body read from an agent (the box controls its agent's memory
+/// in the worst case, so nothing it sends is trusted to be small).
+const MAX_ANSWER: usize = 1 << 20;
+/// Control calls (signal, stdin, release) answer at once; a wedged agent must not hang us.
+const CONTROL_TIMEOUT: Duration = Duration::from_secs(10);
 pub type ByteStream = Pin<Box<dyn Stream<Item = std::io::Result<Bytes>> + Send>>;
 
 #[derive(Clone)]
@@ -113,7 +118,8 @@ impl AgentClient {
             return Ok(resp);
         }
         let status = resp.status();
-        let bytes = resp.into_body().collect().await.map_err(transport)?.to_bytes();
+        // Box-controlled data: read a bounded amount.
+        let bytes = Limited::new(resp.into_body(), MAX_ANSWER).collect().await.map_err(transport)?.to_bytes();
         let err = serde_json::from_slice::<AgentError>(&bytes).unwrap_or_else(|_| AgentError {
             kind: ErrorKind::Io,
             message: format!("agent answered {status}: {}", String::from_utf8_lossy(&bytes)),
@@ -127,7 +133,7 @@ impl AgentClient {
 
     async fn json<T: serde::de::DeserializeOwned>(&self, req: Request<Body>) -> Result<T> {
         let resp = self.send(req).await?;
-        let bytes = resp.into_body().collect().await.map_err(transport)?.to_bytes();
+        let bytes = Limited::new(resp.into_body(), MAX_ANSWER).collect().await.map_err(transport)?.to_bytes();
         serde_json::from_slice(&bytes).map_err(transport)
     }
 
@@ -155,22 +161,27 @@ impl AgentClient {
 
     /// Tell the agent the host has stored everything of a completed execution.
     pub async fn release(&self, exec_id: &str) -> Result<()> {
-        let _: serde_json::Value =
-            self.json(Self::request(Method::POST, &paths::exec_path(exec_id, "release"), empty())).await?;
+        let call =
+            self.json::<serde_json::Value>(Self::request(Method::POST, &paths::exec_path(exec_id, "release"), empty()));
+        tokio::time::timeout(CONTROL_TIMEOUT, call)
+            .await
+            .map_err(|_| transport("agent did not answer a release"))??;
         Ok(())
     }
 
     pub async fn signal(&self, exec_id: &str, signal: i32, group: bool) -> Result<()> {
         let body = json_body(&SignalRequest { signal, group });
-        let _: serde_json::Value =
-            self.json(Self::request(Method::POST, &paths::exec_path(exec_id, "signal"), body)).await?;
+        let call =
+            self.json::<serde_json::Value>(Self::request(Method::POST, &paths::exec_path(exec_id, "signal"), body));
+        tokio::time::timeout(CONTROL_TIMEOUT, call).await.map_err(|_| transport("agent did not answer a signal"))??;
         Ok(())
     }
 
     pub async fn stdin(&self, exec_id: &str, data: Bytes, close: bool) -> Result<()> {
         let uri = format!("{}?close={close}", paths::exec_path(exec_id, "stdin"));
         let body = Full::new(data).map_err(|never| match never {}).boxed_unsync();
-        let _: serde_json::Value = self.json(Self::request(Method::POST, &uri, body)).await?;
+        let call = self.json::<serde_json::Value>(Self::request(Method::POST, &uri, body));
+        tokio::time::timeout(CONTROL_TIMEOUT, call).await.map_err(|_| transport("agent did not take stdin"))??;
         Ok(())
     }
 

@@ -246,3 +246,38 @@ async fn a_full_disk_is_enospc_inside_that_box_only() {
     assert!(!data.join("disks/rt-disk.img").exists());
     let _ = std::fs::remove_dir_all(data);
 }
+
+/// A box's own layers come back when it boots from a snapshot or after hibernation: symlinks
+/// planted there must not make the booting init write through to host paths.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn planted_symlinks_do_not_reach_the_host_on_reboot() {
+    let (rt, data) = runtime("sym");
+    let victim = data.join("victim.txt");
+    std::fs::write(&victim, "host data").unwrap();
+    let victim_dir = data.join("victim-dir");
+    std::fs::create_dir_all(&victim_dir).unwrap();
+    std::fs::write(victim_dir.join("tty"), "keep").unwrap();
+    let l = rt.create(&spec("rt-sym", LIMITS)).await.expect("create");
+    let plant = format!(
+        "ln -sfn {} /etc/hosts && ln -sfn {} /etc/hostname && rm -rf /tmp && ln -sfn {} /tmp && \
+         mv /dev /dev.real 2>/dev/null; ln -sfn {} /dev 2>/dev/null; echo planted",
+        victim.display(),
+        victim.display(),
+        victim_dir.display(),
+        victim_dir.display()
+    );
+    assert!(run(&l.agent, &plant).await.stdout.contains("planted"));
+    let layer = data.join("sym-layer");
+    rt.snapshot("rt-sym", &l.state, &layer).await.expect("snapshot");
+    rt.destroy("rt-sym", &l.state).await.unwrap();
+    let mut s2 = spec("rt-sym2", LIMITS);
+    s2.layers = vec![layer];
+    let l2 = rt.create(&s2).await.expect("boot on the planted layer");
+    assert_eq!(std::fs::read_to_string(&victim).unwrap(), "host data");
+    assert_eq!(std::fs::read_to_string(victim_dir.join("tty")).unwrap(), "keep");
+    assert_eq!(std::fs::read_dir(&victim_dir).unwrap().count(), 1, "files created in a host dir");
+    // The box still works, with its own /dev and /tmp.
+    assert_eq!(run(&l2.agent, "echo ok > /dev/null && touch /tmp/x && echo fine").await.stdout, "fine\n");
+    rt.destroy("rt-sym2", &l2.state).await.unwrap();
+    let _ = std::fs::remove_dir_all(data);
+}

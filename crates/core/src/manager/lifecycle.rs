@@ -196,7 +196,11 @@ impl Manager {
             }
             self.sample_usage(&entry, now, sample_disk);
             let rec = entry.snapshot();
-            if status == Status::Running && sample_disk && !self.runtime.alive(&rec.id, &rec.runtime_state) {
+            if status == Status::Running
+                && sample_disk
+                && !entry.stopping.load(Ordering::SeqCst)
+                && !self.runtime.alive(&rec.id, &rec.runtime_state)
+            {
                 self.box_died(&entry);
                 continue;
             }
@@ -320,6 +324,9 @@ impl Manager {
             }
         }
         self.transition(entry, Status::Failure, Some(reason.to_string()));
+        if let Some(dir) = self.exec_dir(&rec.id) {
+            let _ = std::fs::remove_dir_all(dir);
+        }
         let (rt, id, state) = (self.runtime.clone(), rec.id.clone(), rec.runtime_state.clone());
         tokio::spawn(async move {
             let _ = rt.destroy(&id, &state).await;

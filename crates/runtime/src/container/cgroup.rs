@@ -162,7 +162,17 @@ impl Cgroups {
             }
             Layout::V2(root) => {
                 let d = root.join(&self.group).join(id);
-                write(&d.join("cgroup.freeze"), if frozen { "1" } else { "0" })
+                write(&d.join("cgroup.freeze"), if frozen { "1" } else { "0" })?;
+                // Freezing is asynchronous: only "frozen 1" in cgroup.events means stopped.
+                let want = if frozen { "frozen 1" } else { "frozen 0" };
+                let start = Instant::now();
+                while start.elapsed() < Duration::from_secs(10) {
+                    if fs::read_to_string(d.join("cgroup.events")).is_ok_and(|s| s.lines().any(|l| l == want)) {
+                        return Ok(());
+                    }
+                    std::thread::sleep(Duration::from_micros(100));
+                }
+                Err(RuntimeError::Unsupported(format!("cgroup v2 freezer did not reach {want:?}")))
             }
         }
     }

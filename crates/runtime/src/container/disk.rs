@@ -139,7 +139,9 @@ impl Disks {
                 }
                 return Err(RuntimeError::io(format!("configure {dev_path}"), e));
             }
-            let flags = nix::mount::MsFlags::MS_NOATIME;
+            // nodev: the box cannot make device nodes (no CAP_MKNOD), and its disk must not
+            // carry any from elsewhere either. Not nosuid: sudo lives on the box's layers.
+            let flags = nix::mount::MsFlags::MS_NOATIME | nix::mount::MsFlags::MS_NODEV;
             return nix::mount::mount(Some(dev_path.as_str()), at, Some("ext4"), flags, Some("discard"))
                 .map_err(|e| RuntimeError::io(format!("mount {dev_path} on {}", at.display()), e.into()));
             // `dev` closes here; with autoclear the device lives as long as the mount.
@@ -150,6 +152,11 @@ impl Disks {
     fn unmount(&self, at: &Path) -> Result<()> {
         nix::mount::umount2(at, nix::mount::MntFlags::MNT_DETACH)
             .map_err(|e| RuntimeError::io(format!("unmount {}", at.display()), e.into()))
+    }
+
+    /// Whether the box has a disk (possibly unmounted, e.g. after a host reboot).
+    pub fn has_image(&self, id: &str) -> bool {
+        self.image(id).exists()
     }
 
     fn image(&self, id: &str) -> PathBuf {
@@ -187,7 +194,7 @@ impl Disks {
     /// Bytes used on the box's filesystem.
     pub fn used(&self, at: &Path) -> Option<u64> {
         let st = nix::sys::statvfs::statvfs(at).ok()?;
-        Some((st.blocks() - st.blocks_free()) as u64 * st.fragment_size() as u64)
+        Some((st.blocks() - st.blocks_free()) * st.fragment_size())
     }
 
     /// Move a formatted image of `size` to `dest`; false if the pool has none. The rename is

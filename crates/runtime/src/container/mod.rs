@@ -109,7 +109,15 @@ impl ContainerRuntime {
     }
 
     fn log_tail(&self, id: &str) -> String {
-        let log = std::fs::read_to_string(self.box_dir(id).join("agent.log")).unwrap_or_default();
+        use std::io::{Read, Seek, SeekFrom};
+        let mut log = String::new();
+        if let Ok(mut f) = std::fs::File::open(self.box_dir(id).join("agent.log")) {
+            let len = f.metadata().map(|m| m.len()).unwrap_or(0);
+            let _ = f.seek(SeekFrom::Start(len.saturating_sub(8192)));
+            let mut buf = Vec::new();
+            let _ = f.take(8192).read_to_end(&mut buf);
+            log = String::from_utf8_lossy(&buf).into_owned();
+        }
         let lines: Vec<&str> = log.lines().rev().take(5).collect();
         lines.into_iter().rev().collect::<Vec<_>>().join(" | ")
     }
@@ -165,6 +173,9 @@ impl ContainerRuntime {
             .open(dir.join("agent.log"))
             .map_err(io("open agent log"))?;
         let status = tokio::process::Command::new(&self.agent)
+            // The box can read nothing of the server's environment through its init.
+            .env_clear()
+            .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
             .arg("container-init")
             .arg(&boot_path)
             .stdin(std::process::Stdio::null())
@@ -230,7 +241,8 @@ impl Runtime for ContainerRuntime {
 
     async fn create(&self, spec: &BoxSpec) -> Result<Launched> {
         // A box booting again on its kept disk (after hibernation) must never lose it.
-        let rebooting = self.layer_root(&spec.id).join("upper").is_dir();
+        let rebooting = self.layer_root(&spec.id).join("upper").is_dir()
+            || self.disks.as_ref().is_some_and(|d| d.has_image(&spec.id));
         match self.boot(spec).await {
             Ok(l) => Ok(l),
             Err(e) => {
