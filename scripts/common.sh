@@ -24,8 +24,9 @@ install_packages() {
     fi
 }
 
-# Runtime needs: mmdebstrap builds the base image; gcc builds the bundled SQLite.
-BASE_PACKAGES=(mmdebstrap arch-test ca-certificates gcc libc6-dev pkg-config)
+# Runtime needs: mmdebstrap builds the base image; e2fsprogs formats per-box disks; gcc builds
+# the bundled SQLite.
+BASE_PACKAGES=(mmdebstrap arch-test ca-certificates e2fsprogs util-linux gcc libc6-dev pkg-config)
 
 build_release() {
     echo "==> cargo build --release (the first build takes a few minutes)" >&2

@@ -3,8 +3,10 @@
 # namespaces and cgroups), and end-to-end tests with the official Runloop Python SDK.
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 need_root "$@"
-# tmux: the terminal tests drive `devboxd shell` in a real terminal.
+# tmux: the terminal tests drive `devboxd shell` in a real terminal. Node and npm run the
+# TypeScript SDK tests (the machine's own Node is used when there is one).
 install_packages "${BASE_PACKAGES[@]}" python3 python3-venv tmux
+command -v npm >/dev/null || install_packages nodejs npm
 start=$(date +%s)
 
 echo "==> cargo fmt --check" >&2
@@ -21,7 +23,7 @@ echo "==> default image" >&2
 echo "==> cargo test (unit + runtime integration)" >&2
 cargo test --release --locked --workspace
 
-echo "==> end-to-end tests with runloop-api-client (PyPI)" >&2
+echo "==> end-to-end tests: runloop-api-client 3.0.0 and 2.0.0 (PyPI), @runloop/api-client 1.32 (npm)" >&2
 VENV="$REPO/target/e2e-venv"
 [ -x "$VENV/bin/python" ] || python3 -m venv "$VENV"
 "$VENV/bin/pip" install -q --disable-pip-version-check -r tests/e2e/requirements.txt

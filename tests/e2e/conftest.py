@@ -32,7 +32,6 @@ from runloop_api_client import Runloop, RunloopSDK
 from _helpers import RawSession, shutdown_quietly
 from _server import (
     EXTRA_LOGS_KEY,
-    REPO_ROOT,
     ServerHandle,
     ServerStartError,
     binary_path,

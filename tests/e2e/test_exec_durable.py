@@ -109,7 +109,9 @@ def test_executions_survive_server_crash_and_restart(private_server):
         slow.execution_id, devbox_id=box.id, statuses=["completed"], last_n="1000", timeout=60
     )
     assert final.status == "completed"
-    assert final.exit_status == 0, final
+    assert final.exit_status == 0, (
+        f"exit {final.exit_status} after {final.stdout.count(chr(10))} lines; stderr tail: {final.stderr[-500:]!r}"
+    )
     assert final.stdout == _expected("line", SLOW_LINES)
     assert final.stderr == _expected("err", SLOW_LINES)
     assert final.stdout_truncated is False and final.stderr_truncated is False

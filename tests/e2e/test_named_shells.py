@@ -73,7 +73,8 @@ def test_cwd_and_exported_env_persist_within_a_shell(devbox, raw):
     assert _out(run_async(raw, devbox.id, 'pwd; echo "$FOO"', "s1")) == (0, "/tmp\nbar\n", "")
 
     # change it again, through another endpoint; a later command sees the newest state
-    assert _out(run_execute(raw, devbox.id, "mkdir -p /tmp/deeper && cd /tmp/deeper; export FOO=baz BAR=2", "s1"))[0] == 0
+    v = run_execute(raw, devbox.id, "mkdir -p /tmp/deeper && cd /tmp/deeper; export FOO=baz BAR=2", "s1")
+    assert v["exit_status"] == 0, v
     assert _out(run_sync(raw, devbox.id, 'pwd; echo "$FOO $BAR"', "s1")) == (0, "/tmp/deeper\nbaz 2\n", "")
     # values with spaces, quotes and newlines survive
     run_sync(raw, devbox.id, "export TRICKY=\"a b 'c' \\\"d\\\" \\$e\"$'\\n'\"line2\"", "s1")
@@ -101,7 +102,19 @@ def test_commands_of_one_shell_run_one_after_another(devbox, raw):
     order = "/tmp/order-ser"
     step = f"echo start-$N >> {order}; sleep 0.4; echo end-$N >> {order}"
 
-    # submitted one after another (execute_async returns at once): first in, first run
+    # submitted one after another (execute_async returns at once): first in, first run. A few
+    # rounds of several commands each, because a wrong order depends on scheduling.
+    for rnd in range(3):
+        fifo = f"/tmp/order-fifo-{rnd}"
+        eids = [
+            _async(raw, devbox.id, f"echo {i} >> {fifo}; sleep 0.05", f"fifo-{rnd}")["execution_id"] for i in range(8)
+        ]
+        results = [_wait(raw, devbox.id, e) for e in eids]
+        assert all(r["exit_status"] == 0 for r in results), results
+        got = run_sync(raw, devbox.id, f"cat {fifo}", None)["stdout"].split()
+        assert got == [str(i) for i in range(8)], f"round {rnd}: commands of one shell ran out of order: {got}"
+
+    # the same with the slower step, all in one shell
     eids = [_async(raw, devbox.id, step.replace("$N", str(i)), "ser")["execution_id"] for i in range(4)]
     results = [_wait(raw, devbox.id, e) for e in eids]
     assert all(r["exit_status"] == 0 for r in results), results

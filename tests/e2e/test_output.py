@@ -15,7 +15,9 @@ def _lines(prefix: str, a: int, b: int) -> str:
 
 
 def test_stdout_and_stderr_are_separate(devbox):
-    r = devbox.cmd.exec("for i in $(seq 1 50); do echo out-$i; echo err-$i >&2; done; printf tail-out; printf tail-err >&2")
+    r = devbox.cmd.exec(
+        "for i in $(seq 1 50); do echo out-$i; echo err-$i >&2; done; printf tail-out; printf tail-err >&2"
+    )
     assert r.exit_code == 0
     assert r.stdout() == _lines("out-", 1, 50) + "tail-out"
     assert r.stderr() == _lines("err-", 1, 50) + "tail-err"

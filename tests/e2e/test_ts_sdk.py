@@ -41,7 +41,8 @@ def test_typescript_sdk_end_to_end(ts_sdk_dir, base_url, key_a, box_factory, cli
     assert o("async") == (0, "async\n", "")
 
     cb = out["callbacks"]
-    assert (cb["result"]["exit_code"], cb["result"]["stdout"], cb["result"]["stderr"]) == (0, "o1\no2\no3\n", "e1\ne2\ne3\n")
+    res = cb["result"]
+    assert (res["exit_code"], res["stdout"], res["stderr"]) == (0, "o1\no2\no3\n", "e1\ne2\ne3\n")
     assert cb["seen"]["out"] == "o1\no2\no3\n"
     assert cb["seen"]["err"] == "e1\ne2\ne3\n"
     assert sorted(cb["seen"]["all"].splitlines()) == ["e1", "e2", "e3", "o1", "o2", "o3"]

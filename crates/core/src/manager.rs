@@ -853,13 +853,22 @@ impl Manager {
             let mut stream = match stream {
                 Ok(s) => s,
                 Err(e) => {
-                    if entry.status() != Status::Shutdown && attempts < 3 && exec.started() {
+                    let lost = matches!(&e, devbox_runtime::RuntimeError::Agent(a) if a.kind == devbox_protocol::ErrorKind::NotFound);
+                    // A started command lives on in the box: keep trying to reach it while the
+                    // box lives (the agent may be busy, or frozen by a snapshot), unless the
+                    // agent says it no longer knows it.
+                    if exec.started() && !lost && !entry.status().is_terminal() && attempts < 40 {
                         attempts += 1;
-                        tokio::time::sleep(Duration::from_millis(100 * attempts as u64)).await;
+                        tokio::time::sleep(Duration::from_millis((50 * attempts as u64).min(1000))).await;
                         continue;
                     }
-                    exec.stderr.push(format!("devboxd: could not run the command: {e}\n").as_bytes());
-                    self.finish_exec(&devbox_id, &exec, 127, Some(agent), source);
+                    if exec.started() {
+                        exec.stderr.push(format!("devboxd: lost the running command: {e}\n").as_bytes());
+                        self.finish_exec(&devbox_id, &exec, 137, Some(agent), source);
+                    } else {
+                        exec.stderr.push(format!("devboxd: could not run the command: {e}\n").as_bytes());
+                        self.finish_exec(&devbox_id, &exec, 127, Some(agent), source);
+                    }
                     return;
                 }
             };
@@ -895,7 +904,7 @@ impl Manager {
             if exec.status() == ExecStatus::Completed {
                 return;
             }
-            if entry.status().is_terminal() || attempts >= 5 {
+            if entry.status().is_terminal() || attempts >= 40 {
                 exec.stderr.push(b"devboxd: lost contact with the box while the command ran\n");
                 self.finish_exec(&devbox_id, &exec, 137, None, source);
                 return;
