@@ -327,15 +327,15 @@ def test_cli_shell_in_tmux(devbox, base_url, key_a, tmux, tmp_path):
     tmux.wait_prompt()
 
     # A full-screen program: draw, type, quit; the shell's screen comes back.
-    tmux.keys("vi /tmp/e2e-vi.txt")
-    tmux.wait(lambda s: s.splitlines().count("~") >= 10, "vi's empty-buffer tildes")
+    tmux.keys("vim /tmp/e2e-vi.txt")
+    tmux.wait(lambda s: s.splitlines().count("~") >= 10, "vim's empty-buffer tildes")
     tmux.key("i")
-    tmux.keys("hello from vi", enter=False)
+    tmux.keys("hello from vim", enter=False)
     tmux.key("Escape")
-    tmux.wait_text("hello from vi")
+    tmux.wait_text("hello from vim")
     tmux.keys(":q!")
     s = tmux.wait_prompt()
-    assert "hello from vi" not in s, s
+    assert "hello from vim" not in s, s
 
     tmux.keys("top")
     tmux.wait_text("load average")

@@ -29,6 +29,8 @@ pub struct ManagerConfig {
 
 /// Log entries kept and returned per devbox.
 const LOG_LIMIT: usize = 10_000;
+/// Ended boxes younger than this are checked for leftovers at start.
+const LEFTOVER_SWEEP_MS: i64 = 24 * 3600 * 1000;
 /// Creates are refused below this much free space on the data filesystem.
 const MIN_FREE_DISK: u64 = 1 << 30;
 /// Longest command accepted (bytes).
@@ -154,6 +156,12 @@ impl Manager {
             }
             if !entry.status().is_terminal() {
                 m.reload_executions(&entry);
+            } else if rec.end_time_ms.is_some_and(|t| now_ms() - t < LEFTOVER_SWEEP_MS) {
+                // A box that ended shortly before a crash may have left its disk mounted or
+                // its cgroups behind: release them (idempotent, cheap when nothing is left).
+                if let Err(e) = m.runtime.destroy(&rec.id, &serde_json::Value::Null).await {
+                    tracing::warn!(id = %rec.id, error = %e, "could not release what an ended devbox left");
+                }
             }
         }
         m.start_policies();

@@ -28,10 +28,12 @@ const USER_HOOK: &str = "chroot \"$1\" sh -c 'groupadd -g 1000 user && useradd -
      && echo \"user ALL=(ALL) NOPASSWD:ALL\" > /etc/sudoers.d/devbox-user && chmod 0440 /etc/sudoers.d/devbox-user'";
 
 /// Bumped whenever the recipe changes, so stale images are rebuilt rather than reused.
-const RECIPE_VERSION: &str = "2";
+const RECIPE_VERSION: &str = "3";
 /// Debian's /etc/profile forks `id -u` on every login shell; bash knows $EUID already. This
 /// halves the cost of `bash -lc`, which every execution pays (dash still falls back to id).
 const PROFILE_HOOK: &str = "sed -i 's/$(id -u)/${EUID:-$(id -u)}/' \"$1/etc/profile\"";
+/// People type `vim`; vim-tiny only installs `vi`.
+const VIM_HOOK: &str = "ln -sf /usr/bin/vim.tiny \"$1/usr/local/bin/vim\"";
 
 #[derive(Debug, Clone)]
 pub struct ImageStore {
@@ -87,6 +89,7 @@ impl ImageStore {
             .arg(format!("--include={}", PACKAGES.join(",")))
             .arg(format!("--customize-hook={USER_HOOK}"))
             .arg(format!("--customize-hook={PROFILE_HOOK}"))
+            .arg(format!("--customize-hook={VIM_HOOK}"))
             .arg("--customize-hook=rm -rf \"$1\"/var/lib/apt/lists/* \"$1\"/var/cache/apt/*.bin")
             .arg(SUITE)
             .arg(tmp.join("rootfs"))
