@@ -183,3 +183,11 @@ def test_oversized_json_body_is_413(base_url, key_a, devbox, raw):
     assert raw.get("/healthz").status_code == 200
     r = devbox.cmd.exec("test -e /home/user/e2e_huge.txt && echo present || echo absent")
     assert r.stdout() == "absent\n"
+
+
+def test_framework_rejections_are_json_too(raw):
+    # A path segment that is not UTF-8, and a multipart upload without a boundary: the HTTP
+    # framework rejects these before any handler runs; the answer is still a JSON 4xx.
+    assert_json_error(raw.get("/v1/devboxes/%FF"), 400)
+    r = raw.post("/v1/devboxes/dbx_whatever/upload_file", data=b"x", headers={"Content-Type": "text/plain"})
+    assert_json_error(r, 400)

@@ -68,5 +68,34 @@ pub fn router(state: AppState) -> Router {
             )
         })
         .layer(axum::middleware::from_fn(metrics::track))
+        .layer(axum::middleware::from_fn(json_errors))
         .layer(axum::extract::DefaultBodyLimit::disable())
+}
+
+/// Safety net: axum's own rejections (a path segment that is not UTF-8, a malformed
+/// multipart or WebSocket request...) answer in plain text; the API promises JSON errors.
+async fn json_errors(req: Request, next: Next) -> Response {
+    let resp = next.run(req).await;
+    let status = resp.status();
+    let is_json = resp
+        .headers()
+        .get(axum::http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/json"));
+    if !(status.is_client_error() || status.is_server_error()) || is_json {
+        return resp;
+    }
+    let (parts, body) = resp.into_parts();
+    let bytes = axum::body::to_bytes(body, 64 << 10).await.unwrap_or_default();
+    let text = String::from_utf8_lossy(&bytes).trim().to_string();
+    let message = if text.is_empty() { status.canonical_reason().unwrap_or("error").to_string() } else { text };
+    let code = if status.is_server_error() { "internal" } else { "bad_request" };
+    let mut out =
+        (status, axum::Json(serde_json::json!({ "error": { "code": code, "message": message } }))).into_response();
+    for (k, v) in parts.headers.iter() {
+        if k != axum::http::header::CONTENT_TYPE && k != axum::http::header::CONTENT_LENGTH {
+            out.headers_mut().insert(k.clone(), v.clone());
+        }
+    }
+    out
 }

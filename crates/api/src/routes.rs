@@ -704,3 +704,50 @@ async fn upload_file(
         (Some(_), Some(_)) => ok(json!({})),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hold_clamps_and_rejects_bad_values() {
+        assert_eq!(hold(None, 30.0).unwrap(), Duration::from_secs(30));
+        assert_eq!(hold(Some(99.0), 25.0).unwrap(), Duration::from_secs(25));
+        assert_eq!(hold(Some(1.5), 25.0).unwrap(), Duration::from_millis(1500));
+        assert!(hold(Some(-1.0), 25.0).is_err());
+        assert!(hold(Some(f64::NAN), 25.0).is_err());
+    }
+
+    #[test]
+    fn utf8_prefix_never_ends_inside_a_character() {
+        let s = "a€b".as_bytes(); // € is three bytes
+        assert_eq!(utf8_prefix(s), s.len());
+        assert_eq!(utf8_prefix(&s[..2]), 1);
+        assert_eq!(utf8_prefix(&s[..3]), 1);
+        assert_eq!(utf8_prefix(&s[..4]), 4);
+        assert_eq!(utf8_prefix(b"\xff\xfeab"), 4, "invalid bytes pass through");
+    }
+
+    #[test]
+    fn last_n_parses_whole_numbers_only() {
+        assert_eq!(LastN { last_n: None }.get().unwrap(), None);
+        assert_eq!(LastN { last_n: Some("".into()) }.get().unwrap(), None);
+        assert_eq!(LastN { last_n: Some(" 5 ".into()) }.get().unwrap(), Some(5));
+        assert!(LastN { last_n: Some("-1".into()) }.get().is_err());
+        assert!(LastN { last_n: Some("ten".into()) }.get().is_err());
+    }
+
+    #[test]
+    fn exec_params_reject_empty_commands() {
+        let b = |c: &str| ExecBody {
+            command: c.into(),
+            shell_name: Some(String::new()),
+            attach_stdin: None,
+            command_id: Some(String::new()),
+            optimistic_timeout: None,
+        };
+        assert!(params(&b("  ")).is_err());
+        let p = params(&b("ls")).unwrap();
+        assert_eq!((p.shell_name, p.command_id, p.attach_stdin), (None, None, false));
+    }
+}
