@@ -385,6 +385,19 @@ impl Procs {
     }
 }
 
+/// Between fork and exec of a box process: the agent shields itself from the OOM killer
+/// (-1000), its children must not inherit that. Async-signal-safe calls only.
+pub(crate) fn reset_oom_score() {
+    // SAFETY: open/write/close on a static path; no allocation.
+    unsafe {
+        let fd = libc::open(c"/proc/self/oom_score_adj".as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
+        if fd >= 0 {
+            libc::write(fd, b"0".as_ptr().cast(), 1);
+            libc::close(fd);
+        }
+    }
+}
+
 fn build_command(req: &ExecRequest) -> Result<Command, AgentError> {
     let mut cmd = if req.shell {
         let mut c = Command::new("/bin/bash");
@@ -422,12 +435,7 @@ fn build_command(req: &ExecRequest) -> Result<Command, AgentError> {
             if libc::setsid() < 0 {
                 return Err(std::io::Error::last_os_error());
             }
-            // The agent shields itself from the OOM killer; its children must not be.
-            let fd = libc::open(c"/proc/self/oom_score_adj".as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
-            if fd >= 0 {
-                libc::write(fd, b"0".as_ptr().cast(), 1);
-                libc::close(fd);
-            }
+            crate::exec::reset_oom_score();
             Ok(())
         });
     }

@@ -250,12 +250,7 @@ fn spawn(req: &PtyOpen, procs: &Procs) -> Result<(Arc<Session>, oneshot::Receive
             if libc::setsid() < 0 || libc::ioctl(0, libc::TIOCSCTTY, 0) < 0 {
                 return Err(std::io::Error::last_os_error());
             }
-            // The agent shields itself from the OOM killer; its children must not be.
-            let fd = libc::open(c"/proc/self/oom_score_adj".as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
-            if fd >= 0 {
-                libc::write(fd, b"0".as_ptr().cast(), 1);
-                libc::close(fd);
-            }
+            crate::exec::reset_oom_score();
             Ok(())
         });
     }
