@@ -229,3 +229,46 @@ def test_python_sdk_2_named_shells(devbox, sdk2_python, base_url, key_a):
     assert s2_logs, "logs(shell_name=...) returned nothing"
     assert all(e["shell_name"] == "sdk2-s2" for e in s2_logs), s2_logs
     assert {e["cmd_id"] for e in s2_logs} == {out["s2_state"]["execution_id"]}
+
+
+def test_a_shell_queue_survives_a_server_crash():
+    """Commands waiting in a named shell when the server is SIGKILLed still run, in order,
+    after the restart, and the shell's state carries on."""
+    import requests
+
+    import _server
+
+    ps = _server.PrivateServer()
+    try:
+        ps.start()
+        raw = requests.Session()
+        raw.headers["Authorization"] = f"Bearer {ps.key}"
+        base = ps.base_url
+        r = raw.post(f"{base}/v1/devboxes/create_and_await_running", json={})
+        assert r.status_code == 200 and r.json()["status"] == "running", describe(r)
+        box = r.json()["id"]
+
+        def submit(cmd: str) -> str:
+            r = raw.post(f"{base}/v1/devboxes/{box}/execute_async", json={"command": cmd, "shell_name": "q"})
+            assert r.status_code == 200, describe(r)
+            return r.json()["execution_id"]
+
+        eids = [
+            submit("cd /tmp && export MARK=kept && sleep 2 && echo a >> /tmp/q-order"),
+            submit("echo b-$MARK >> /tmp/q-order"),
+            submit("echo c-$(pwd) >> /tmp/q-order"),
+        ]
+        time.sleep(0.5)
+        ps.crash()
+        ps.start()
+        for eid in eids:
+            r = raw.post(
+                f"{base}/v1/devboxes/{box}/executions/{eid}/wait_for_status",
+                json={"statuses": ["completed"], "timeout_seconds": 25},
+                timeout=40,
+            )
+            assert r.status_code == 200 and r.json()["exit_status"] == 0, describe(r)
+        r = raw.post(f"{base}/v1/devboxes/{box}/execute_sync", json={"command": "cat /tmp/q-order"})
+        assert r.json()["stdout"] == "a\nb-kept\nc-/tmp\n", r.json()
+    finally:
+        ps.stop()

@@ -741,8 +741,19 @@ impl Manager {
             if rec.status != ExecStatus::Completed {
                 match entry.agent() {
                     Some(agent) => {
+                        // Records come back in submission order: rebuild each named shell's
+                        // queue so its waiting commands still run one after another.
+                        let (done_tx, done_rx) = tokio::sync::oneshot::channel::<()>();
+                        let before =
+                            rec.shell_name.clone().and_then(|n| entry.shells.lock().unwrap().insert(n, done_rx));
                         let (me, e2) = (self.clone(), entry.clone());
-                        tokio::spawn(async move { me.run_exec(&e2, &agent, exec, "exec", false).await });
+                        tokio::spawn(async move {
+                            if let Some(before) = before {
+                                let _ = before.await;
+                            }
+                            me.run_exec(&e2, &agent, exec, "exec", false).await;
+                            drop(done_tx);
+                        });
                     }
                     None => {
                         exec.stderr.push(b"devboxd: the box was lost while the server was down\n");
