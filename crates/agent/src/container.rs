@@ -153,8 +153,8 @@ fn bind(src: &Path, dst: &Path, flags: MsFlags) -> R<()> {
 /// A minimal /dev: a few harmless character devices bound from the host, a private devpts
 /// instance (so the box's ptys are its own) and a tmpfs /dev/shm.
 fn build_dev(root: &Path) -> R<()> {
+    // The caller made it a plain directory.
     let dev = root.join("dev");
-    mkdir(&dev)?;
     ctx(
         "mount /dev",
         mount(

@@ -606,10 +606,13 @@ async fn read_file_contents(
     Path(id): Path<String>,
     Json(b): Json<ReadBody>,
 ) -> R {
-    // No Content-Length: /proc files report size 0 and files change while streamed.
-    let (_size, stream) = st.manager.read_file(&t.0, &id, &b.file_path).await?;
+    file_response(st.manager.read_file(&t.0, &id, &b.file_path).await?, "text/plain; charset=utf-8")
+}
+
+/// A file streamed out of a box, without a Content-Length (see `Manager::read_file`).
+fn file_response(stream: devbox_runtime::ByteStream, content_type: &'static str) -> R {
     Ok(Response::builder()
-        .header(header::CONTENT_TYPE, "text/plain; charset=utf-8")
+        .header(header::CONTENT_TYPE, content_type)
         .body(Body::from_stream(stream))
         .expect("valid response"))
 }
@@ -642,11 +645,7 @@ async fn download_file(
     Path(id): Path<String>,
     Json(b): Json<DownloadBody>,
 ) -> R {
-    let (_size, stream) = st.manager.read_file(&t.0, &id, &b.path).await?;
-    Ok(Response::builder()
-        .header(header::CONTENT_TYPE, "application/octet-stream")
-        .body(Body::from_stream(stream))
-        .expect("valid response"))
+    file_response(st.manager.read_file(&t.0, &id, &b.path).await?, "application/octet-stream")
 }
 
 /// Multipart `path` then `file`; the file part is streamed into the box, never buffered whole.

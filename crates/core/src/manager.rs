@@ -58,6 +58,21 @@ struct BoxEntry {
 }
 
 impl BoxEntry {
+    fn new(rec: Devbox) -> BoxEntry {
+        BoxEntry {
+            status: watch::channel(rec.status).0,
+            rec: Mutex::new(rec),
+            agent: Mutex::new(None),
+            execs: Mutex::new(HashMap::new()),
+            command_ids: Mutex::new(HashMap::new()),
+            shells: Mutex::new(HashMap::new()),
+            lifecycle: Arc::new(tokio::sync::Mutex::new(())),
+            last_activity: std::sync::atomic::AtomicI64::new(now_ms()),
+            hook: Mutex::new(None),
+            stopping: Default::default(),
+        }
+    }
+
     fn snapshot(&self) -> Devbox {
         self.rec.lock().unwrap().clone()
     }
@@ -104,6 +119,12 @@ pub struct ExecParams {
 /// A running box's agent, its user and its environment.
 pub type AgentAccess = (AgentClient, devbox_protocol::UserSpec, Vec<(String, String)>);
 
+#[derive(Clone, Copy)]
+enum Move {
+    Suspend,
+    Resume,
+}
+
 /// One page of a list.
 pub struct Page<T> {
     pub items: Vec<T>,
@@ -135,18 +156,7 @@ impl Manager {
             criu_status()
         );
         for rec in m.store.all_devboxes()? {
-            let entry = Arc::new(BoxEntry {
-                status: watch::channel(rec.status).0,
-                rec: Mutex::new(rec.clone()),
-                agent: Mutex::new(None),
-                execs: Mutex::new(HashMap::new()),
-                command_ids: Mutex::new(HashMap::new()),
-                shells: Mutex::new(HashMap::new()),
-                lifecycle: Arc::new(tokio::sync::Mutex::new(())),
-                last_activity: std::sync::atomic::AtomicI64::new(now_ms()),
-                hook: Mutex::new(None),
-                stopping: Default::default(),
-            });
+            let entry = Arc::new(BoxEntry::new(rec.clone()));
             if let Some(rid) = &rec.request_id {
                 m.request_ids.lock().unwrap().insert((rec.tenant.clone(), rid.clone()), rec.id.clone());
             }
@@ -373,18 +383,7 @@ impl Manager {
         };
         rec.set_status(Status::Provisioning, None);
         self.store.put_devbox(&rec)?;
-        let entry = Arc::new(BoxEntry {
-            status: watch::channel(Status::Provisioning).0,
-            rec: Mutex::new(rec.clone()),
-            agent: Mutex::new(None),
-            execs: Mutex::new(HashMap::new()),
-            command_ids: Mutex::new(HashMap::new()),
-            shells: Mutex::new(HashMap::new()),
-            lifecycle: Arc::new(tokio::sync::Mutex::new(())),
-            last_activity: std::sync::atomic::AtomicI64::new(now_ms()),
-            hook: Mutex::new(None),
-            stopping: Default::default(),
-        });
+        let entry = Arc::new(BoxEntry::new(rec.clone()));
         self.boxes.write().unwrap().insert(id.clone(), entry.clone());
         if let Some(rid) = request_id {
             request_ids.insert((tenant.to_string(), rid), id.clone());
@@ -589,37 +588,38 @@ impl Manager {
     /// Start suspending: `suspending` now, `suspended` once suspend commands ran and every
     /// process is frozen (memory and processes kept).
     pub async fn suspend(self: &Arc<Self>, tenant: &str, id: &str) -> Result<Devbox> {
-        let entry = self.entry(tenant, id)?;
-        let guard = entry.lifecycle.clone().lock_owned().await;
-        match entry.status() {
-            Status::Suspended | Status::Suspending => return Ok(entry.snapshot()),
-            Status::Running => {}
-            s => return Err(CoreError::Conflict(format!("cannot suspend a devbox that is {}", s.as_str()))),
-        }
-        self.transition(&entry, Status::Suspending, None);
-        let (me, e2) = (self.clone(), entry.clone());
-        tokio::spawn(async move {
-            let _guard = guard;
-            me.do_suspend(&e2).await
-        });
-        Ok(entry.snapshot())
+        self.start_move(tenant, id, Move::Suspend).await
     }
 
     /// Start resuming: `resuming` now, `running` once thawed (or booted again after
     /// hibernation, with launch_commands run again).
     pub async fn resume(self: &Arc<Self>, tenant: &str, id: &str) -> Result<Devbox> {
+        self.start_move(tenant, id, Move::Resume).await
+    }
+
+    /// Enter the transitional status at once and finish the move in the background, holding
+    /// the box's lifecycle lock throughout. Asking again while it happens (or once done) is
+    /// not an error.
+    async fn start_move(self: &Arc<Self>, tenant: &str, id: &str, mv: Move) -> Result<Devbox> {
+        let (from, via, done, verb) = match mv {
+            Move::Suspend => (Status::Running, Status::Suspending, Status::Suspended, "suspend"),
+            Move::Resume => (Status::Suspended, Status::Resuming, Status::Running, "resume"),
+        };
         let entry = self.entry(tenant, id)?;
         let guard = entry.lifecycle.clone().lock_owned().await;
         match entry.status() {
-            Status::Running | Status::Resuming => return Ok(entry.snapshot()),
-            Status::Suspended => {}
-            s => return Err(CoreError::Conflict(format!("cannot resume a devbox that is {}", s.as_str()))),
+            s if s == done || s == via => return Ok(entry.snapshot()),
+            s if s == from => {}
+            s => return Err(CoreError::Conflict(format!("cannot {verb} a devbox that is {}", s.as_str()))),
         }
-        self.transition(&entry, Status::Resuming, None);
+        self.transition(&entry, via, None);
         let (me, e2) = (self.clone(), entry.clone());
         tokio::spawn(async move {
             let _guard = guard;
-            me.do_resume(&e2).await
+            match mv {
+                Move::Suspend => me.do_suspend(&e2).await,
+                Move::Resume => me.do_resume(&e2).await,
+            }
         });
         Ok(entry.snapshot())
     }
@@ -989,7 +989,7 @@ impl Manager {
         }
         let entry = self.entry(tenant, id)?;
         if let Some(agent) = entry.agent() {
-            if let Err(e) = agent.signal(&exec.id, libc_sigkill(), group).await {
+            if let Err(e) = agent.signal(&exec.id, SIGKILL, group).await {
                 tracing::debug!(%exec_id, error = %e, "kill: process already gone");
             }
         }
@@ -1046,11 +1046,12 @@ impl Manager {
         Ok(format!("{home}/{path}"))
     }
 
-    pub async fn read_file(&self, tenant: &str, id: &str, path: &str) -> Result<(u64, ByteStream)> {
+    pub async fn read_file(&self, tenant: &str, id: &str, path: &str) -> Result<ByteStream> {
         let entry = self.entry(tenant, id)?;
         let agent = self.running_agent(&entry)?;
         let p = self.resolve(&entry, path)?;
-        agent.read_file(&p).await.map_err(CoreError::from_runtime)
+        // No size: /proc files stat as 0 bytes and files change while they stream.
+        agent.read_file(&p).await.map(|(_size, stream)| stream).map_err(CoreError::from_runtime)
     }
 
     pub async fn write_file(&self, tenant: &str, id: &str, path: &str, data: ByteStream) -> Result<u64> {
@@ -1073,9 +1074,8 @@ fn criu_status() -> String {
     }
 }
 
-fn libc_sigkill() -> i32 {
-    9
-}
+/// Signal number sent to kill a command (the agent speaks raw numbers).
+pub(crate) const SIGKILL: i32 = nix::sys::signal::Signal::SIGKILL as i32;
 
 /// A named shell is a state directory in the user's home: each command starts from the saved
 /// working directory and exported environment and saves them on exit (even on `exit N`).

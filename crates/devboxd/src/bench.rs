@@ -200,11 +200,9 @@ fn box_pids(id: &str) -> Vec<i32> {
         .unwrap_or_default()
 }
 
+/// The box's init: the lowest pid in its cgroup.
 fn box_init_pid(id: &str) -> Option<i32> {
-    let procs = std::fs::read_to_string(format!("/sys/fs/cgroup/pids/devboxd/{id}/cgroup.procs"))
-        .or_else(|_| std::fs::read_to_string(format!("/sys/fs/cgroup/devboxd/{id}/cgroup.procs")))
-        .ok()?;
-    procs.lines().filter_map(|l| l.trim().parse().ok()).min()
+    box_pids(id).into_iter().min()
 }
 
 pub async fn run(a: BenchArgs) -> Result<(), String> {

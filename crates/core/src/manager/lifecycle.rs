@@ -52,7 +52,7 @@ impl Manager {
                 if tokio::time::timeout(deadline, run).await.is_err() {
                     let running = entry.hook.lock().unwrap().take();
                     if let Some(e) = running {
-                        let _ = agent.signal(&e.id, 9, true).await;
+                        let _ = agent.signal(&e.id, super::SIGKILL, true).await;
                     }
                     self.log(
                         &rec.id,
@@ -360,17 +360,8 @@ impl Manager {
                 (ExitMode::Shutdown, _) => {
                     let _ = self.shutdown(&tenant, &id, "api_shutdown", true).await;
                 }
-                (ExitMode::Hibernate, Status::Running) => {
-                    if self.suspend(&tenant, &id).await.is_ok() {
-                        let mut rx = entry.status.subscribe();
-                        let _ =
-                            tokio::time::timeout(Duration::from_secs(65), rx.wait_for(|s| *s != Status::Suspending))
-                                .await;
-                    }
-                    let _ = self.hibernate(&entry).await;
-                }
-                (ExitMode::Hibernate, Status::Suspended) => {
-                    let _ = self.hibernate(&entry).await;
+                (ExitMode::Hibernate, Status::Running | Status::Suspended) => {
+                    let _ = self.hibernate_now(&tenant, &id).await;
                 }
                 _ => {}
             }
